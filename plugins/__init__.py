@@ -1,0 +1,1 @@
+"""profilemesh's built-in plugins, loaded through entry points exactly like a third party's."""

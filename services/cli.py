@@ -1,0 +1,93 @@
+"""The ``profilemesh`` command: serve one service, run the whole mesh, ask how it is."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from profilemesh.shared.settings import SERVICE_NAMES, Settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="profilemesh",
+        description="profilemesh: unified, real-time customer profiles as a mesh of gRPC services.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run one service in this process")
+    serve.add_argument("service", choices=SERVICE_NAMES)
+    serve.add_argument("--port", type=int, help="listen here instead of the configured port")
+    serve.add_argument(
+        "--parent-pid", type=int, help="stop when this process (a supervisor) goes away"
+    )
+
+    up = commands.add_parser("up", help="run all five services on localhost until Ctrl-C")
+    up.add_argument("--data-dir", type=Path, help="where the embedded backend keeps its data")
+    up.add_argument(
+        "--startup-timeout", type=float, default=60.0, help="seconds to wait for SERVING"
+    )
+
+    status = commands.add_parser("status", help="print every service's health")
+    status.add_argument("--timeout", type=float, default=1.0, help="seconds per health check")
+
+    commands.add_parser("plugins", help="list installed plugins and what they register")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the process exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings()
+    except ValidationError as error:
+        print(f"profilemesh: invalid settings:\n{error}", file=sys.stderr)
+        return 2
+    if getattr(args, "data_dir", None) is not None:
+        settings = settings.model_copy(update={"data_dir": args.data_dir})
+
+    if args.command == "serve":
+        from profilemesh.services.runner import serve_main
+
+        return serve_main(args.service, settings, port=args.port, parent_pid=args.parent_pid)
+    if args.command == "up":
+        from profilemesh.services.mesh import run_mesh
+
+        return asyncio.run(run_mesh(settings, sys.stdout, startup_timeout=args.startup_timeout))
+    if args.command == "status":
+        return asyncio.run(_status(settings, args.timeout))
+    if args.command == "plugins":
+        return _plugins(settings)
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+async def _status(settings: Settings, timeout: float) -> int:
+    from profilemesh.shared.health_client import check_health
+
+    targets = [settings.services.of(name).target for name in SERVICE_NAMES]
+    statuses = await asyncio.gather(
+        *(check_health(target, settings, timeout=timeout) for target in targets)
+    )
+    for name, target, status in zip(SERVICE_NAMES, targets, statuses, strict=True):
+        print(f"{name:<11} {target:<21} {status}")
+    return 0 if all(status == "SERVING" for status in statuses) else 1
+
+
+def _plugins(settings: Settings) -> int:
+    from profilemesh.shared.plugin_manager import create_plugin_manager
+
+    plugins = create_plugin_manager(disabled=settings.disabled_plugins)
+    for row in plugins.describe():
+        print(row)
+    for name in plugins.skipped:
+        print(f"{name}: disabled")
+    return 1 if plugins.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

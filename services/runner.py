@@ -1,0 +1,60 @@
+"""Runs one service of the mesh in this process: ``profilemesh serve <service>``."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+
+from profilemesh.shared.json_logging import configure_logging
+from profilemesh.shared.server import ListenError, create_server, serve
+from profilemesh.shared.service_app import ServiceApp
+from profilemesh.shared.settings import SERVICE_NAMES, Settings
+from profilemesh.shared.telemetry import configure_tracing
+
+log = logging.getLogger(__name__)
+
+
+def load_app(service: str, settings: Settings) -> ServiceApp:
+    """Build the named service from its ``app`` module."""
+    if service not in SERVICE_NAMES:
+        raise ValueError(f"unknown service {service!r}; expected one of {', '.join(SERVICE_NAMES)}")
+    module = importlib.import_module(f"profilemesh.services.{service}.app")
+    app: ServiceApp = module.build_app(settings)
+    return app
+
+
+async def run_service(
+    service: str,
+    settings: Settings,
+    *,
+    port: int | None = None,
+    parent_pid: int | None = None,
+) -> None:
+    """Serve ``service`` until SIGTERM/SIGINT, then stop gracefully."""
+    app = load_app(service, settings)
+    endpoint = settings.services.of(service)
+    server, bound = create_server(
+        app.bindings, settings, port=endpoint.port if port is None else port
+    )
+    await app.start()
+    log.info("serving", extra={"port": bound, "services": list(server.service_names)})
+    try:
+        await serve(server, settings.grace_seconds, parent_pid=parent_pid)
+    finally:
+        await app.close()
+    log.info("stopped")
+
+
+def serve_main(
+    service: str, settings: Settings, *, port: int | None = None, parent_pid: int | None = None
+) -> int:
+    """Entry point of ``profilemesh serve``: set up logging and tracing, serve, exit code."""
+    configure_logging(service, settings.log_level, settings.log_format)
+    configure_tracing(settings, service)
+    try:
+        asyncio.run(run_service(service, settings, port=port, parent_pid=parent_pid))
+    except ListenError as error:
+        log.error("%s", error)
+        return 2
+    return 0

@@ -1,0 +1,1 @@
+"""The scoring service: trains, versions and serves LightGBM models, clusters and lookalikes."""

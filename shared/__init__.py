@@ -1,0 +1,1 @@
+"""Code every profilemesh service shares: settings, server bootstrap, errors, plugins, the log."""

@@ -1,0 +1,148 @@
+"""Turns exceptions raised by servicers into gRPC statuses, in one place.
+
+- :class:`DomainError` -> its status code, with a ``google.rpc.Status`` in the
+  ``grpc-status-details-bin`` trailer carrying ``BadRequest`` field violations, ``ErrorInfo``
+  (reason, domain, metadata) and, for overload, ``RetryInfo``.
+- ``NotImplementedError`` -> UNIMPLEMENTED (the generated servicer bases raise it).
+- anything else -> INTERNAL with the trace id, so the caller can find the stack trace in the
+  service's log; the stack trace itself never leaves the process.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+from profilemesh.shared.errors import ERROR_DOMAIN, DomainError, ResourceExhausted
+from profilemesh.shared.telemetry import current_trace_id
+
+log = logging.getLogger(__name__)
+
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+def status_for(error: DomainError) -> status_pb2.Status:
+    """The ``google.rpc.Status`` a caller receives for ``error``."""
+    status = status_pb2.Status(code=getattr(code_pb2, error.code), message=error.message)
+    if error.violations:
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description
+                )
+                for v in error.violations
+            ]
+        )
+        status.details.append(_pack(bad_request))
+    info = error_details_pb2.ErrorInfo(
+        reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata
+    )
+    status.details.append(_pack(info))
+    if isinstance(error, ResourceExhausted):
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(error.retry_after_seconds * 1e9))
+        status.details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+    return status
+
+
+def _pack(message: Any) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+async def _abort_for(error: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
+    """Abort the call with the status ``error`` maps to (never returns)."""
+    if isinstance(error, DomainError):
+        status = status_for(error)
+        await context.abort(
+            grpc.StatusCode[error.code],
+            error.message,
+            trailing_metadata=((STATUS_DETAILS_KEY, status.SerializeToString()),),
+        )
+    if isinstance(error, NotImplementedError):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented")
+    trace_id = current_trace_id()
+    log.error("unhandled error in %s", method, exc_info=error, extra={"method": method})
+    where = f" (trace {trace_id})" if trace_id else ""
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}{where}")
+
+
+def _is_abort(error: BaseException) -> bool:
+    # context.abort() raises AbortError; it must pass through untouched.
+    return isinstance(error, grpc.aio.AbortError)
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Maps every servicer exception to a status; see the module docstring."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        return wrap_handler(handler, handler_call_details.method)
+
+
+def wrap_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """A copy of ``handler`` whose behaviour turns exceptions into statuses."""
+    if handler.response_streaming:
+        behavior = handler.unary_stream or handler.stream_stream
+
+        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            try:
+                result = behavior(request, context)
+                if hasattr(result, "__aiter__"):
+                    async for response in result:
+                        yield response
+                elif inspect.isawaitable(result):  # a coroutine that writes with context.write()
+                    await result
+                else:
+                    for response in result:
+                        yield response
+            except Exception as error:
+                if _is_abort(error):
+                    raise
+                await _abort_for(error, context, method)
+
+        factory = (
+            grpc.unary_stream_rpc_method_handler
+            if handler.unary_stream
+            else grpc.stream_stream_rpc_method_handler
+        )
+        return factory(
+            streaming,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    behavior = handler.unary_unary or handler.stream_unary
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            result = behavior(request, context)
+            return await result if inspect.isawaitable(result) else result
+        except Exception as error:
+            if _is_abort(error):
+                raise
+            await _abort_for(error, context, method)
+
+    factory = (
+        grpc.unary_unary_rpc_method_handler
+        if handler.unary_unary
+        else grpc.stream_unary_rpc_method_handler
+    )
+    return factory(
+        unary,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )

@@ -1,0 +1,138 @@
+"""One typed settings model for every service, read from ``PROFILEMESH_*`` variables.
+
+Nested fields use ``__``: ``PROFILEMESH_SERVICES__IDENTITY__PORT=6002``. Telemetry follows the
+standard OpenTelemetry variables under their own names (``OTEL_TRACES_EXPORTER``,
+``OTEL_SERVICE_NAME``, ``OTEL_EXPORTER_OTLP_ENDPOINT``...). Settings are built once at the edge
+(the CLI) and passed in; no other module reads the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+SERVICE_NAMES = ("ingestion", "identity", "features", "scoring", "activation")
+"""Every service of the mesh, in the order data flows through them (and the order they start)."""
+
+ServiceName = Literal["ingestion", "identity", "features", "scoring", "activation"]
+
+
+class Endpoint(BaseModel):
+    """Where one service listens (``host`` is also where the others reach it)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(ge=0, le=65535)
+
+    @property
+    def target(self) -> str:
+        """The gRPC target string, ``host:port``."""
+        return f"{self.host}:{self.port}"
+
+
+class Endpoints(BaseModel):
+    """The address of every service; each service is told where the others are."""
+
+    ingestion: Endpoint = Endpoint(port=50051)
+    identity: Endpoint = Endpoint(port=50052)
+    features: Endpoint = Endpoint(port=50053)
+    scoring: Endpoint = Endpoint(port=50054)
+    activation: Endpoint = Endpoint(port=50055)
+
+    def of(self, service: str) -> Endpoint:
+        """The endpoint of ``service`` (one of :data:`SERVICE_NAMES`)."""
+        if service not in SERVICE_NAMES:
+            raise ValueError(f"unknown service {service!r}; expected one of {SERVICE_NAMES}")
+        endpoint: Endpoint = getattr(self, service)
+        return endpoint
+
+
+class ClientSettings(BaseModel):
+    """How services call each other: default deadline and retries of transient failures."""
+
+    deadline_seconds: float = Field(default=10.0, gt=0)
+    max_attempts: int = Field(default=4, ge=1, le=5)
+    initial_backoff_seconds: float = Field(default=0.1, gt=0)
+    max_backoff_seconds: float = Field(default=2.0, gt=0)
+
+
+class Settings(BaseSettings):
+    """Everything a profilemesh process can be configured with."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PROFILEMESH_",
+        env_nested_delimiter="__",
+        extra="ignore",
+    )
+
+    data_dir: Path = Path(".profilemesh")
+    """Where the embedded backend keeps each service's data (one folder per service)."""
+
+    bind_host: str = "127.0.0.1"
+    """The interface servers listen on; ``0.0.0.0`` in a container."""
+
+    services: Endpoints = Endpoints()
+    client: ClientSettings = ClientSettings()
+
+    grace_seconds: float = Field(default=5.0, ge=0)
+    """On SIGTERM, how long in-flight calls may finish before they are cancelled."""
+
+    max_message_mib: int = Field(default=16, ge=1, le=1024)
+    """Largest gRPC message accepted or sent, in MiB."""
+
+    log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
+
+    disabled_plugins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Plugin names never loaded (``PROFILEMESH_DISABLED_PLUGINS=a,b``)."""
+
+    traces_exporter: Literal["none", "console", "otlp"] = Field(
+        default="none", validation_alias=AliasChoices("OTEL_TRACES_EXPORTER", "traces_exporter")
+    )
+    """Standard ``OTEL_TRACES_EXPORTER``; ``none`` (the default here) installs no SDK: no cost."""
+
+    service_name: str | None = Field(
+        default=None, validation_alias=AliasChoices("OTEL_SERVICE_NAME", "service_name")
+    )
+    """Standard ``OTEL_SERVICE_NAME``; defaults to ``profilemesh-<service>``."""
+
+    @field_validator("disabled_plugins", mode="before")
+    @classmethod
+    def _split_names(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError(f"unknown log level {value!r}")
+        return level
+
+    def service_data_dir(self, service: str) -> Path:
+        """The folder that belongs to one service under the data directory."""
+        return self.data_dir / service
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``PROFILEMESH_*`` variables, to hand to a child process."""
+        env: dict[str, str] = {
+            "PROFILEMESH_DATA_DIR": str(self.data_dir),
+            "PROFILEMESH_BIND_HOST": self.bind_host,
+            "PROFILEMESH_GRACE_SECONDS": str(self.grace_seconds),
+            "PROFILEMESH_MAX_MESSAGE_MIB": str(self.max_message_mib),
+            "PROFILEMESH_LOG_LEVEL": self.log_level,
+            "PROFILEMESH_LOG_FORMAT": self.log_format,
+            "PROFILEMESH_DISABLED_PLUGINS": ",".join(self.disabled_plugins),
+            "OTEL_TRACES_EXPORTER": self.traces_exporter,
+        }
+        for name in SERVICE_NAMES:
+            endpoint = self.services.of(name)
+            env[f"PROFILEMESH_SERVICES__{name.upper()}__HOST"] = endpoint.host
+            env[f"PROFILEMESH_SERVICES__{name.upper()}__PORT"] = str(endpoint.port)
+        for field in ClientSettings.model_fields:
+            env[f"PROFILEMESH_CLIENT__{field.upper()}"] = str(getattr(self.client, field))
+        return env

@@ -1,0 +1,69 @@
+"""Fixtures shared by the test suite: free ports, settings for a throwaway mesh, span capture."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from profilemesh.shared.settings import SERVICE_NAMES, Endpoint, Endpoints, Settings
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def port_is_free(port: int) -> bool:
+    """Whether ``port`` can be bound again (nothing still listens on it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+@pytest.fixture
+def mesh_settings(tmp_path: Path) -> Settings:
+    """Settings for a mesh on free ports with its data in a temporary directory."""
+    return Settings(
+        data_dir=tmp_path / "data",
+        grace_seconds=2.0,
+        services=Endpoints(**{name: Endpoint(port=free_port()) for name in SERVICE_NAMES}),
+    )
+
+
+@pytest.fixture
+def mesh_env(mesh_settings: Settings) -> dict[str, str]:
+    """The environment a ``profilemesh`` subprocess needs to use ``mesh_settings``."""
+    return {**os.environ, **mesh_settings.to_env()}
+
+
+_SPANS = InMemorySpanExporter()
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    """Every span finished during the test, kept in memory.
+
+    OpenTelemetry allows one global tracer provider per process, so it is installed once and
+    the exporter is cleared around each test that asks for it.
+    """
+    if not isinstance(trace.get_tracer_provider(), TracerProvider):
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(_SPANS))
+        trace.set_tracer_provider(provider)
+    _SPANS.clear()
+    yield _SPANS
+    _SPANS.clear()
