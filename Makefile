@@ -31,7 +31,7 @@ protos: $(INSTALLED)
 	find protos/profilemesh -name '*_pb2*.py*' -not -path '*/shared/*' -not -path '*/services/*' -not -path '*/plugins/*' -delete
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -I protos \
 		--python_out=protos --grpc_python_out=protos \
-		--mypy_out=protos --mypy_grpc_out=protos \
+		--mypy_out=quiet:protos --mypy_grpc_out=quiet:protos \
 		$(PROTO_FILES)
 
 # Fails when the committed generated code differs from what `make protos` produces.

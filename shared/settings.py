@@ -58,6 +58,22 @@ class ClientSettings(BaseModel):
     max_backoff_seconds: float = Field(default=2.0, gt=0)
 
 
+class StreamSettings(BaseModel):
+    """How the embedded backend stores each service's log."""
+
+    partitions: int = Field(default=8, ge=1, le=1024)
+    """Partitions per stream; fixed when a stream is created (keys must not move)."""
+
+    segment_mib: int = Field(default=64, ge=1)
+    """Size at which a partition's active segment file is closed and a new one started."""
+
+    max_pending_mib: int = Field(default=256, ge=1)
+    """Appends waiting for the disk beyond this are refused with RESOURCE_EXHAUSTED."""
+
+    heartbeat_seconds: float = Field(default=5.0, gt=0)
+    """How often a caught-up subscription gets an empty batch carrying the partition's end."""
+
+
 class Settings(BaseSettings):
     """Everything a profilemesh process can be configured with."""
 
@@ -75,6 +91,7 @@ class Settings(BaseSettings):
 
     services: Endpoints = Endpoints()
     client: ClientSettings = ClientSettings()
+    streams: StreamSettings = StreamSettings()
 
     grace_seconds: float = Field(default=5.0, ge=0)
     """On SIGTERM, how long in-flight calls may finish before they are cancelled."""
@@ -133,6 +150,7 @@ class Settings(BaseSettings):
             endpoint = self.services.of(name)
             env[f"PROFILEMESH_SERVICES__{name.upper()}__HOST"] = endpoint.host
             env[f"PROFILEMESH_SERVICES__{name.upper()}__PORT"] = str(endpoint.port)
-        for field in ClientSettings.model_fields:
-            env[f"PROFILEMESH_CLIENT__{field.upper()}"] = str(getattr(self.client, field))
+        for group, model in (("CLIENT", self.client), ("STREAMS", self.streams)):
+            for field in type(model).model_fields:
+                env[f"PROFILEMESH_{group}__{field.upper()}"] = str(getattr(model, field))
         return env

@@ -11,7 +11,10 @@ from profilemesh.shared.channel import create_channel
 from profilemesh.shared.server import create_server
 from profilemesh.shared.settings import SERVICE_NAMES, Settings
 
-IMPLEMENTED: set[str] = set()
+IMPLEMENTED = {
+    "/profilemesh.common.v1.LogService/Subscribe",
+    "/profilemesh.common.v1.LogService/GetOffsets",
+}
 """Full method names that do real work; grows as the services are built."""
 
 

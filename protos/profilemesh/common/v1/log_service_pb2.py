@@ -22,33 +22,38 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'profilemesh/common/v1/log_service.proto\x12\x15profilemesh.common.v1\x1a\x19google/protobuf/any.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x95\x02\n\nLogMessage\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\r\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0b\n\x03key\x18\x04 \x01(\t\x12?\n\x07headers\x18\x05 \x03(\x0b\x32..profilemesh.common.v1.LogMessage.HeadersEntry\x12%\n\x07payload\x18\x06 \x01(\x0b\x32\x14.google.protobuf.Any\x12/\n\x0b\x61ppend_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"{\n\x10SubscribeRequest\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\r\x12\x13\n\x0b\x66rom_offset\x18\x03 \x01(\x04\x12\x1a\n\x12max_batch_messages\x18\x04 \x01(\r\x12\x13\n\x0bstop_at_end\x18\x05 \x01(\x08\"g\n\x11SubscribeResponse\x12\x33\n\x08messages\x18\x01 \x03(\x0b\x32!.profilemesh.common.v1.LogMessage\x12\x1d\n\x15partition_next_offset\x18\x02 \x01(\x04\"#\n\x11GetOffsetsRequest\x12\x0e\n\x06stream\x18\x01 \x01(\t\"z\n\x12GetOffsetsResponse\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x17\n\x0fpartition_count\x18\x02 \x01(\r\x12;\n\npartitions\x18\x03 \x03(\x0b\x32\'.profilemesh.common.v1.PartitionOffsets\"P\n\x10PartitionOffsets\x12\x11\n\tpartition\x18\x01 \x01(\r\x12\x14\n\x0c\x66irst_offset\x18\x02 \x01(\x04\x12\x13\n\x0bnext_offset\x18\x03 \x01(\x04\x32\xd1\x01\n\nLogService\x12`\n\tSubscribe\x12\'.profilemesh.common.v1.SubscribeRequest\x1a(.profilemesh.common.v1.SubscribeResponse0\x01\x12\x61\n\nGetOffsets\x12(.profilemesh.common.v1.GetOffsetsRequest\x1a).profilemesh.common.v1.GetOffsetsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'profilemesh/common/v1/log_service.proto\x12\x15profilemesh.common.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdf\x02\n\x08LogBatch\x12\x11\n\tpartition\x18\x01 \x01(\r\x12\x13\n\x0b\x62\x61se_offset\x18\x02 \x01(\x04\x12/\n\x0b\x61ppend_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cpayload_type\x18\x04 \x01(\t\x12\x0c\n\x04keys\x18\x05 \x03(\t\x12\x15\n\rpayload_sizes\x18\x06 \x03(\r\x12\x10\n\x08payloads\x18\x07 \x01(\x0c\x12=\n\x07headers\x18\x08 \x03(\x0b\x32,.profilemesh.common.v1.LogBatch.HeadersEntry\x12>\n\x0fmessage_headers\x18\t \x03(\x0b\x32%.profilemesh.common.v1.MessageHeaders\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x85\x01\n\x0eMessageHeaders\x12\x43\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x32.profilemesh.common.v1.MessageHeaders.EntriesEntry\x1a.\n\x0c\x45ntriesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"{\n\x10SubscribeRequest\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\r\x12\x13\n\x0b\x66rom_offset\x18\x03 \x01(\x04\x12\x1a\n\x12max_batch_messages\x18\x04 \x01(\r\x12\x13\n\x0bstop_at_end\x18\x05 \x01(\x08\"d\n\x11SubscribeResponse\x12\x30\n\x07\x62\x61tches\x18\x01 \x03(\x0b\x32\x1f.profilemesh.common.v1.LogBatch\x12\x1d\n\x15partition_next_offset\x18\x02 \x01(\x04\"#\n\x11GetOffsetsRequest\x12\x0e\n\x06stream\x18\x01 \x01(\t\"z\n\x12GetOffsetsResponse\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x17\n\x0fpartition_count\x18\x02 \x01(\r\x12;\n\npartitions\x18\x03 \x03(\x0b\x32\'.profilemesh.common.v1.PartitionOffsets\"P\n\x10PartitionOffsets\x12\x11\n\tpartition\x18\x01 \x01(\r\x12\x14\n\x0c\x66irst_offset\x18\x02 \x01(\x04\x12\x13\n\x0bnext_offset\x18\x03 \x01(\x04\x32\xd1\x01\n\nLogService\x12`\n\tSubscribe\x12\'.profilemesh.common.v1.SubscribeRequest\x1a(.profilemesh.common.v1.SubscribeResponse0\x01\x12\x61\n\nGetOffsets\x12(.profilemesh.common.v1.GetOffsetsRequest\x1a).profilemesh.common.v1.GetOffsetsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'profilemesh.common.v1.log_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LOGMESSAGE_HEADERSENTRY']._loaded_options = None
-  _globals['_LOGMESSAGE_HEADERSENTRY']._serialized_options = b'8\001'
-  _globals['_LOGMESSAGE']._serialized_start=127
-  _globals['_LOGMESSAGE']._serialized_end=404
-  _globals['_LOGMESSAGE_HEADERSENTRY']._serialized_start=358
-  _globals['_LOGMESSAGE_HEADERSENTRY']._serialized_end=404
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=406
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=529
-  _globals['_SUBSCRIBERESPONSE']._serialized_start=531
-  _globals['_SUBSCRIBERESPONSE']._serialized_end=634
-  _globals['_GETOFFSETSREQUEST']._serialized_start=636
-  _globals['_GETOFFSETSREQUEST']._serialized_end=671
-  _globals['_GETOFFSETSRESPONSE']._serialized_start=673
-  _globals['_GETOFFSETSRESPONSE']._serialized_end=795
-  _globals['_PARTITIONOFFSETS']._serialized_start=797
-  _globals['_PARTITIONOFFSETS']._serialized_end=877
-  _globals['_LOGSERVICE']._serialized_start=880
-  _globals['_LOGSERVICE']._serialized_end=1089
+  _globals['_LOGBATCH_HEADERSENTRY']._loaded_options = None
+  _globals['_LOGBATCH_HEADERSENTRY']._serialized_options = b'8\001'
+  _globals['_MESSAGEHEADERS_ENTRIESENTRY']._loaded_options = None
+  _globals['_MESSAGEHEADERS_ENTRIESENTRY']._serialized_options = b'8\001'
+  _globals['_LOGBATCH']._serialized_start=100
+  _globals['_LOGBATCH']._serialized_end=451
+  _globals['_LOGBATCH_HEADERSENTRY']._serialized_start=405
+  _globals['_LOGBATCH_HEADERSENTRY']._serialized_end=451
+  _globals['_MESSAGEHEADERS']._serialized_start=454
+  _globals['_MESSAGEHEADERS']._serialized_end=587
+  _globals['_MESSAGEHEADERS_ENTRIESENTRY']._serialized_start=541
+  _globals['_MESSAGEHEADERS_ENTRIESENTRY']._serialized_end=587
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=589
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=712
+  _globals['_SUBSCRIBERESPONSE']._serialized_start=714
+  _globals['_SUBSCRIBERESPONSE']._serialized_end=814
+  _globals['_GETOFFSETSREQUEST']._serialized_start=816
+  _globals['_GETOFFSETSREQUEST']._serialized_end=851
+  _globals['_GETOFFSETSRESPONSE']._serialized_start=853
+  _globals['_GETOFFSETSRESPONSE']._serialized_end=975
+  _globals['_PARTITIONOFFSETS']._serialized_start=977
+  _globals['_PARTITIONOFFSETS']._serialized_end=1057
+  _globals['_LOGSERVICE']._serialized_start=1060
+  _globals['_LOGSERVICE']._serialized_end=1269
 # @@protoc_insertion_point(module_scope)

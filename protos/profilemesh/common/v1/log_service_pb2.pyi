@@ -4,7 +4,6 @@ isort:skip_file
 """
 
 from collections import abc as _abc
-from google.protobuf import any_pb2 as _any_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -21,8 +20,15 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
-class LogMessage(_message.Message):
-    """One message of a log, as appended by its producer."""
+class LogBatch(_message.Message):
+    """Consecutive messages of one partition, stored and sent column by column.
+
+    Message i of the batch has offset `base_offset + i`, key `keys[i]`, payload
+    `payloads[sum(payload_sizes[:i]) : sum(payload_sizes[:i+1])]` (serialized bytes of
+    `payload_type`), and headers `headers` merged with `message_headers[i]` (when present).
+    The columnar form is what the log stores on disk, so serving a subscription copies stored
+    bytes instead of building one protobuf message per log message.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -46,59 +52,119 @@ class LogMessage(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-    STREAM_FIELD_NUMBER: _builtins.int
     PARTITION_FIELD_NUMBER: _builtins.int
-    OFFSET_FIELD_NUMBER: _builtins.int
-    KEY_FIELD_NUMBER: _builtins.int
-    HEADERS_FIELD_NUMBER: _builtins.int
-    PAYLOAD_FIELD_NUMBER: _builtins.int
+    BASE_OFFSET_FIELD_NUMBER: _builtins.int
     APPEND_TIME_FIELD_NUMBER: _builtins.int
-    stream: _builtins.str
-    """Name of the stream the message belongs to, e.g. `events` or `resolutions`."""
+    PAYLOAD_TYPE_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
+    PAYLOAD_SIZES_FIELD_NUMBER: _builtins.int
+    PAYLOADS_FIELD_NUMBER: _builtins.int
+    HEADERS_FIELD_NUMBER: _builtins.int
+    MESSAGE_HEADERS_FIELD_NUMBER: _builtins.int
     partition: _builtins.int
     """Zero-based partition number within the stream."""
-    offset: _builtins.int
-    """Position of the message within its partition: starts at 0 and grows by exactly 1 per
-    message, without gaps. Stable forever, so it can be stored as a consumer checkpoint.
+    base_offset: _builtins.int
+    """Offset of the first message of the batch. Offsets start at 0 and grow by exactly 1 per
+    message, without gaps; they are stable forever, so they can be stored as checkpoints.
     """
-    key: _builtins.str
-    """Partition key the producer chose: the profile id for every log except `events`, where it is
-    the event's user_id, or its anonymous_id when it has no user_id, and `source:record_id` for
-    customer records. Messages with the same key are in the same partition and in order.
+    payload_type: _builtins.str
+    """Type URL of every payload in the batch, as in `google.protobuf.Any`, e.g.
+    `type.googleapis.com/profilemesh.ingestion.v1.IngestedItem`.
     """
+    payloads: _builtins.bytes
+    """The payloads of all messages, concatenated in order."""
     @_builtins.property
-    def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Metadata set by the producer. Always carries the W3C trace context (`traceparent`, and
-        `tracestate` when present) of the span that produced the message, so that consumers link
-        their spans to it; may carry further producer-defined entries.
+    def append_time(self) -> _timestamp_pb2.Timestamp:
+        """When the batch was durably appended to the log (the producer's clock)."""
+
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Partition key of each message: the profile id for every log except `events`, where it is
+        the event's user_id (or anonymous_id without one), or `source:record_id` for records.
+        Messages with the same key are in the same partition, in order.
         """
 
     @_builtins.property
-    def payload(self) -> _any_pb2.Any:
-        """The message body; its type URL names the payload type of the stream (see LogService)."""
+    def payload_sizes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Size in bytes of each message's payload, in order."""
 
     @_builtins.property
-    def append_time(self) -> _timestamp_pb2.Timestamp:
-        """When the message was durably appended to the log (the producer's clock)."""
+    def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Headers shared by every message of the batch. Carries the W3C trace context
+        (`traceparent`, and `tracestate` when present) of the span that appended the batch, so
+        consumers link their spans to it.
+        """
+
+    @_builtins.property
+    def message_headers(self) -> _containers.RepeatedCompositeFieldContainer[Global___MessageHeaders]:
+        """Headers of individual messages, when they differ: empty, or one entry per message whose
+        entries override `headers`.
+        """
 
     def __init__(
         self,
         *,
-        stream: _builtins.str = ...,
         partition: _builtins.int = ...,
-        offset: _builtins.int = ...,
-        key: _builtins.str = ...,
-        headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
-        payload: _any_pb2.Any | None = ...,
+        base_offset: _builtins.int = ...,
         append_time: _timestamp_pb2.Timestamp | None = ...,
+        payload_type: _builtins.str = ...,
+        keys: _abc.Iterable[_builtins.str] | None = ...,
+        payload_sizes: _abc.Iterable[_builtins.int] | None = ...,
+        payloads: _builtins.bytes = ...,
+        headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        message_headers: _abc.Iterable[Global___MessageHeaders] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["append_time", b"append_time", "payload", b"payload"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["append_time", b"append_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["append_time", b"append_time", "headers", b"headers", "key", b"key", "offset", b"offset", "partition", b"partition", "payload", b"payload", "stream", b"stream"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["append_time", b"append_time", "base_offset", b"base_offset", "headers", b"headers", "keys", b"keys", "message_headers", b"message_headers", "partition", b"partition", "payload_sizes", b"payload_sizes", "payload_type", b"payload_type", "payloads", b"payloads"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___LogMessage: _TypeAlias = LogMessage  # noqa: Y015
+Global___LogBatch: _TypeAlias = LogBatch  # noqa: Y015
+
+@_typing.final
+class MessageHeaders(_message.Message):
+    """Headers of one message of a LogBatch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class EntriesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entries(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Header names and values."""
+
+    def __init__(
+        self,
+        *,
+        entries: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MessageHeaders: _TypeAlias = MessageHeaders  # noqa: Y015
 
 @_typing.final
 class SubscribeRequest(_message.Message):
@@ -123,8 +189,8 @@ class SubscribeRequest(_message.Message):
     messages.
     """
     max_batch_messages: _builtins.int
-    """Largest number of messages per response. 0 means the server default (500). Responses may
-    hold fewer messages, e.g. when the consumer has caught up.
+    """Largest number of messages per response, as a hint: responses hold whole stored batches,
+    so one may exceed it when a single stored batch does. 0 means the server default (5000).
     """
     stop_at_end: _builtins.bool
     """When true the stream ends (OK status) once every message that existed when the call
@@ -153,28 +219,28 @@ class SubscribeResponse(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    MESSAGES_FIELD_NUMBER: _builtins.int
+    BATCHES_FIELD_NUMBER: _builtins.int
     PARTITION_NEXT_OFFSET_FIELD_NUMBER: _builtins.int
     partition_next_offset: _builtins.int
     """The partition's next offset (one past the last appended message) when this batch was sent.
     Consumer lag = partition_next_offset - (offset of the last processed message + 1).
     """
     @_builtins.property
-    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___LogMessage]:
-        """Consecutive messages of the requested partition, in offset order. May be empty: an empty
-        batch is a heartbeat sent while the consumer is caught up, carrying only
+    def batches(self) -> _containers.RepeatedCompositeFieldContainer[Global___LogBatch]:
+        """Consecutive batches of the requested partition, in offset order. May be empty: a response
+        without batches is a heartbeat sent while the consumer is caught up, carrying only
         `partition_next_offset`.
         """
 
     def __init__(
         self,
         *,
-        messages: _abc.Iterable[Global___LogMessage] | None = ...,
+        batches: _abc.Iterable[Global___LogBatch] | None = ...,
         partition_next_offset: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "partition_next_offset", b"partition_next_offset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches", "partition_next_offset", b"partition_next_offset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

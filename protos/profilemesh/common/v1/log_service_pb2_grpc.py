@@ -34,7 +34,7 @@ class LogServiceStub:
     (`profilemesh.scoring.v1.ScoreChangeEntry`) and activation serves `activations`
     (`profilemesh.activation.v1.ActivationEntry`).
 
-    A log is split into partitions by message key (see LogMessage.key), so ordering holds per
+    A log is split into partitions by message key (see LogBatch.keys), so ordering holds per
     key. Consumers keep their own offsets, in the
     same transaction as the state they derive, and resume with `from_offset` = last offset + 1.
     """
@@ -66,7 +66,7 @@ class LogServiceServicer:
     (`profilemesh.scoring.v1.ScoreChangeEntry`) and activation serves `activations`
     (`profilemesh.activation.v1.ActivationEntry`).
 
-    A log is split into partitions by message key (see LogMessage.key), so ordering holds per
+    A log is split into partitions by message key (see LogBatch.keys), so ordering holds per
     key. Consumers keep their own offsets, in the
     same transaction as the state they derive, and resume with `from_offset` = last offset + 1.
     """
@@ -120,7 +120,7 @@ class LogService:
     (`profilemesh.scoring.v1.ScoreChangeEntry`) and activation serves `activations`
     (`profilemesh.activation.v1.ActivationEntry`).
 
-    A log is split into partitions by message key (see LogMessage.key), so ordering holds per
+    A log is split into partitions by message key (see LogBatch.keys), so ordering holds per
     key. Consumers keep their own offsets, in the
     same transaction as the state they derive, and resume with `from_offset` = last offset + 1.
     """

@@ -35,7 +35,7 @@ class LogServiceStub:
     (`profilemesh.scoring.v1.ScoreChangeEntry`) and activation serves `activations`
     (`profilemesh.activation.v1.ActivationEntry`).
 
-    A log is split into partitions by message key (see LogMessage.key), so ordering holds per
+    A log is split into partitions by message key (see LogBatch.keys), so ordering holds per
     key. Consumers keep their own offsets, in the
     same transaction as the state they derive, and resume with `from_offset` = last offset + 1.
     """
@@ -66,7 +66,7 @@ class LogServiceAsyncStub(LogServiceStub):
     (`profilemesh.scoring.v1.ScoreChangeEntry`) and activation serves `activations`
     (`profilemesh.activation.v1.ActivationEntry`).
 
-    A log is split into partitions by message key (see LogMessage.key), so ordering holds per
+    A log is split into partitions by message key (see LogBatch.keys), so ordering holds per
     key. Consumers keep their own offsets, in the
     same transaction as the state they derive, and resume with `from_offset` = last offset + 1.
     """
@@ -93,7 +93,7 @@ class LogServiceServicer(metaclass=_abc_1.ABCMeta):
     (`profilemesh.scoring.v1.ScoreChangeEntry`) and activation serves `activations`
     (`profilemesh.activation.v1.ActivationEntry`).
 
-    A log is split into partitions by message key (see LogMessage.key), so ordering holds per
+    A log is split into partitions by message key (see LogBatch.keys), so ordering holds per
     key. Consumers keep their own offsets, in the
     same transaction as the state they derive, and resume with `from_offset` = last offset + 1.
     """

@@ -1,0 +1,586 @@
+"""The embedded log: one folder per stream under the data directory, durable before acking.
+
+Appends go through two threads so that durability is paid per flush, not per message (group
+commit), and so that writing the next flush overlaps syncing the previous one:
+
+- the *writer* takes every append waiting, assigns offsets, writes the frames of each touched
+  partition with one ``write`` each, and hands the flush to the syncer;
+- the *syncer* takes every flush written so far, ``fdatasync`` s the touched partitions (in
+  parallel), then acknowledges the appends and wakes the subscribers.
+
+Readers only ever see synced data. A failed write or sync stops the log (fail-stop): what was
+acknowledged is on disk, what was not is either absent or cut off as a torn tail on the next
+open, and retrying on a half-failed disk would risk acknowledging lost data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import json
+import os
+import threading
+import time
+import zlib
+from collections import deque
+from collections.abc import AsyncIterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from profilemesh.common.v1 import log_service_pb2
+from profilemesh.shared.log.api import (
+    Log,
+    LogClosed,
+    LogError,
+    LogFull,
+    OffsetOutOfRange,
+    PartitionRange,
+    Positions,
+    RecordBatch,
+)
+from profilemesh.shared.log.segments import (
+    INDEX_SUFFIX,
+    SEGMENT_SUFFIX,
+    ClosedSegment,
+    FileCache,
+    SegmentIndex,
+    encode_frame,
+    load_closed_segment,
+    read_frames,
+    segment_name,
+)
+
+MIB = 1024 * 1024
+LAYOUT_FILE = "stream.json"
+LAYOUT_VERSION = 1
+
+
+def varint(value: int) -> bytes:
+    """Protobuf's base-128 encoding of a non-negative integer."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _offset_and_time_fields(base_offset: int, append_time_ns: int) -> bytes:
+    """LogBatch fields 2 (base_offset) and 3 (append_time), encoded by hand.
+
+    Appending them to a body the producer serialized without them yields the full message
+    (protobuf concatenation merges), so the writer never re-serializes a batch.
+    """
+    seconds, nanos = divmod(append_time_ns, 1_000_000_000)
+    timestamp = b"\x08" + varint(seconds) + (b"\x10" + varint(nanos) if nanos else b"")
+    offset_field = b"\x10" + varint(base_offset) if base_offset else b""
+    return offset_field + b"\x1a" + varint(len(timestamp)) + timestamp
+
+
+@dataclass
+class _Part:
+    """The part of one append that goes to one partition."""
+
+    partition: int
+    body: bytes
+    count: int
+
+
+@dataclass
+class _Append:
+    """One append waiting to be written and synced."""
+
+    parts: list[_Part]
+    nbytes: int
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[dict[int, int]]
+    bases: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Flush:
+    """What the writer wrote in one go: its appends and where each partition now ends."""
+
+    appends: list[_Append]
+    ends: dict[int, tuple[int, int]]  # partition -> (next offset, file end)
+
+
+class _Partition:
+    """One partition's segments and positions.
+
+    ``next_offset``/``written_end`` belong to the writer thread; ``durable`` (next offset and
+    file end of the synced prefix, published together as one tuple) is what readers use.
+    """
+
+    def __init__(self, number: int, directory: Path) -> None:
+        self.number = number
+        self.directory = directory
+        self.closed: list[ClosedSegment] = []
+        self.closed_bases: list[int] = []
+        self.active_base = 0
+        self.active_path = directory / segment_name(0)
+        self.active_index = SegmentIndex()
+        self.fd = -1
+        self.next_offset = 0
+        self.written_end = 0
+        self.durable = (0, 0)
+        self.last_append_ns = 0
+
+    @property
+    def first_offset(self) -> int:
+        return self.closed[0].base_offset if self.closed else self.active_base
+
+    def open(self) -> None:
+        """Load the segments, cut a torn tail off the active one, open it for appends."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        paths = sorted(self.directory.glob(f"*{SEGMENT_SUFFIX}"))
+        for path in paths[:-1]:
+            segment, _ = load_closed_segment(path)
+            self.closed.append(segment)
+        self.closed_bases = [segment.base_offset for segment in self.closed]
+        if paths:
+            self.active_path = paths[-1]
+            self.active_base = int(self.active_path.stem)
+        else:
+            self.active_base = self.closed[-1].next_offset if self.closed else 0
+            self.active_path = self.directory / segment_name(self.active_base)
+        self.fd = os.open(self.active_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        index, end, next_offset = SegmentIndex.scan(self.active_path)
+        if os.fstat(self.fd).st_size != end:
+            os.ftruncate(self.fd, end)  # a torn tail: never acknowledged, so cut it
+            os.fsync(self.fd)
+        _fsync_directory(self.directory)
+        self.active_index = index
+        self.next_offset = next_offset if next_offset >= 0 else self.active_base
+        self.written_end = end
+        self.durable = (self.next_offset, end)
+
+    def roll(self, read_lock: threading.Lock) -> None:
+        """Close the active segment (already synced) and start a new one."""
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.active_index.write(self.active_path.with_suffix(INDEX_SUFFIX))
+        segment = ClosedSegment(
+            self.active_path,
+            self.active_base,
+            self.next_offset,
+            self.written_end,
+            self.last_append_ns,
+        )
+        new_path = self.directory / segment_name(self.next_offset)
+        fd = os.open(new_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        _fsync_directory(self.directory)
+        with read_lock:  # readers must see the old and new segment consistently
+            self.closed.append(segment)
+            self.closed_bases.append(segment.base_offset)
+            self.active_base = self.next_offset
+            self.active_path = new_path
+            self.active_index = SegmentIndex()
+            self.fd = fd
+            self.written_end = 0
+            self.durable = (self.next_offset, 0)
+
+
+def _fsync_directory(directory: Path) -> None:
+    # A new file only survives power loss once its directory entry is synced too.
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class EmbeddedLog(Log):
+    """A partitioned, durable, replayable stream stored in files under ``directory``."""
+
+    def __init__(
+        self,
+        directory: Path,
+        stream: str,
+        partitions: int,
+        payload_type: str,
+        segment_bytes: int,
+        max_pending_bytes: int,
+    ) -> None:
+        self.directory = directory
+        self.stream = stream
+        self.partitions = partitions
+        self.payload_type = payload_type
+        self.segment_bytes = segment_bytes
+        self.max_pending_bytes = max_pending_bytes
+        self._parts = [_Partition(p, directory / f"p{p:03d}") for p in range(partitions)]
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._queue: deque[_Append] = deque()
+        self._pending_bytes = 0
+        self._flushes: deque[_Flush] = deque()
+        self._flush_ready = threading.Condition(self._lock)
+        self._unsynced_flushes = 0
+        self._closing = False
+        self._failure: BaseException | None = None
+        self._sync_pool = ThreadPoolExecutor(max_workers=min(partitions, 8))
+        self._files = FileCache()
+        self._read_lock = threading.Lock()
+        self._waiters: dict[int, asyncio.Event] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._threads: list[threading.Thread] = []
+
+    @classmethod
+    async def open(
+        cls,
+        directory: Path,
+        stream: str,
+        *,
+        partitions: int = 8,
+        payload_type: str = "",
+        segment_bytes: int = 64 * MIB,
+        max_pending_bytes: int = 256 * MIB,
+    ) -> EmbeddedLog:
+        """Open the stream stored in ``directory``, creating it if needed.
+
+        The partition count is fixed at creation: reopening with another raises ``ValueError``
+        (keys would move between partitions and lose their order).
+        """
+        log = cls(directory, stream, partitions, payload_type, segment_bytes, max_pending_bytes)
+        await asyncio.to_thread(log._open)
+        log._loop = asyncio.get_running_loop()
+        for target, name in ((log._write_loop, "writer"), (log._sync_loop, "syncer")):
+            thread = threading.Thread(target=target, name=f"log-{stream}-{name}", daemon=True)
+            thread.start()
+            log._threads.append(thread)
+        return log
+
+    def _open(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        layout_path = self.directory / LAYOUT_FILE
+        layout = {"version": LAYOUT_VERSION, "stream": self.stream, "partitions": self.partitions}
+        if layout_path.exists():
+            stored = json.loads(layout_path.read_text())
+            if stored.get("partitions") != self.partitions or stored.get("stream") != self.stream:
+                raise ValueError(
+                    f"{self.directory} holds stream {stored.get('stream')!r} with "
+                    f"{stored.get('partitions')} partitions, not {self.stream!r} with "
+                    f"{self.partitions}"
+                )
+        else:
+            temporary = layout_path.with_suffix(".tmp")
+            temporary.write_text(json.dumps(layout))
+            temporary.replace(layout_path)
+            _fsync_directory(self.directory)
+        for part in self._parts:
+            part.open()
+
+    # -- appending -------------------------------------------------------------------------
+
+    async def append_batch(
+        self,
+        entries: Sequence[tuple[str, bytes]],
+        headers: Mapping[str, str] | None = None,
+    ) -> Positions:
+        if not entries:
+            return Positions([], {})
+        partitions = self.partitions
+        partition_of = [zlib.crc32(key.encode()) % partitions for key, _ in entries]
+        groups: dict[int, tuple[list[str], list[bytes]]] = {}
+        for partition, (key, payload) in zip(partition_of, entries, strict=True):
+            group = groups.get(partition)
+            if group is None:
+                group = groups[partition] = ([], [])
+            group[0].append(key)
+            group[1].append(payload)
+        parts = []
+        nbytes = 0
+        for partition, (keys, payloads) in groups.items():
+            batch = log_service_pb2.LogBatch(
+                partition=partition,
+                payload_type=self.payload_type,
+                keys=keys,
+                payload_sizes=[len(payload) for payload in payloads],
+                payloads=b"".join(payloads),
+                headers=headers,
+            )
+            body = batch.SerializeToString()
+            nbytes += len(body)
+            parts.append(_Part(partition, body, len(keys)))
+        loop = asyncio.get_running_loop()
+        append = _Append(parts, nbytes, loop, loop.create_future())
+        with self._lock:
+            self._check_open()
+            if self._pending_bytes and self._pending_bytes + nbytes > self.max_pending_bytes:
+                raise LogFull(
+                    f"{self._pending_bytes // MIB} MiB of appends are waiting for the disk",
+                    retry_after_seconds=0.2,
+                )
+            self._pending_bytes += nbytes
+            self._queue.append(append)
+            self._work.notify()
+        bases = await append.future
+        return Positions(partition_of, bases)
+
+    def _check_open(self) -> None:
+        if self._failure is not None:
+            raise LogClosed(f"log {self.stream} stopped after a disk error: {self._failure}")
+        if self._closing:
+            raise LogClosed(f"log {self.stream} is closed")
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._closing:
+                    self._work.wait()
+                if not self._queue:
+                    self._flushes.append(_Flush([], {}))  # tells the syncer to stop
+                    self._flush_ready.notify()
+                    return
+                appends = list(self._queue)
+                self._queue.clear()
+            try:
+                flush = self._write(appends)
+            except BaseException as error:  # any failure stops the log
+                self._fail(error, appends)
+                return
+            with self._lock:
+                self._flushes.append(flush)
+                self._unsynced_flushes += 1
+                self._flush_ready.notify()
+
+    def _write(self, appends: list[_Append]) -> _Flush:
+        now = time.time_ns()
+        frames: dict[int, list[bytes]] = {}
+        for append in appends:
+            for part in append.parts:
+                partition = self._parts[part.partition]
+                if partition.written_end >= self.segment_bytes and part.partition not in frames:
+                    self._wait_synced()
+                    partition.roll(self._read_lock)
+                base = partition.next_offset
+                body = part.body + _offset_and_time_fields(base, now)
+                frame = encode_frame(body, base, part.count, now)
+                position = partition.written_end + sum(map(len, frames.get(part.partition, ())))
+                # Position first: a reader bisecting `bases` must find its position there.
+                partition.active_index.positions.append(position)
+                partition.active_index.bases.append(base)
+                frames.setdefault(part.partition, []).append(frame)
+                partition.next_offset = base + part.count
+                partition.last_append_ns = now
+                append.bases[part.partition] = base
+        ends = {}
+        for number, chunks in frames.items():
+            partition = self._parts[number]
+            data = b"".join(chunks)
+            written = 0
+            while written < len(data):
+                written += os.write(partition.fd, data[written:])
+            partition.written_end += len(data)
+            ends[number] = (partition.next_offset, partition.written_end)
+        return _Flush(appends, ends)
+
+    def _wait_synced(self) -> None:
+        with self._lock:
+            while self._unsynced_flushes and self._failure is None:
+                self._flush_ready.wait(timeout=0.05)
+
+    def _sync_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._flushes:
+                    self._flush_ready.wait()
+                flushes = list(self._flushes)
+                self._flushes.clear()
+            stop = any(not flush.appends and not flush.ends for flush in flushes)
+            ends: dict[int, tuple[int, int]] = {}
+            for flush in flushes:
+                ends.update(flush.ends)
+            try:
+                fds = [self._parts[number].fd for number in ends]
+                if len(fds) == 1:
+                    os.fdatasync(fds[0])
+                else:
+                    list(self._sync_pool.map(os.fdatasync, fds))
+            except BaseException as error:  # any failure stops the log
+                self._fail(error, [a for flush in flushes for a in flush.appends])
+                return
+            for number, durable in ends.items():
+                self._parts[number].durable = durable
+            acknowledged = [append for flush in flushes for append in flush.appends]
+            with self._lock:
+                self._pending_bytes -= sum(append.nbytes for append in acknowledged)
+                self._unsynced_flushes -= len(flushes) - (1 if stop else 0)
+                self._flush_ready.notify_all()
+            for append in acknowledged:
+                append.loop.call_soon_threadsafe(_resolve, append.future, append.bases)
+            if ends and self._loop is not None:
+                self._loop.call_soon_threadsafe(self._wake, list(ends))
+            if stop:
+                return
+
+    def _fail(self, error: BaseException, appends: list[_Append]) -> None:
+        with self._lock:
+            self._failure = error
+            self._closing = True
+            pending = appends + list(self._queue)
+            self._queue.clear()
+            for flush in self._flushes:
+                pending.extend(flush.appends)
+            self._flushes.clear()
+            self._flushes.append(_Flush([], {}))
+            self._work.notify_all()
+            self._flush_ready.notify_all()
+        failure = LogClosed(f"log {self.stream} stopped after a disk error: {error}")
+        for append in pending:
+            append.loop.call_soon_threadsafe(_reject, append.future, failure)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def offsets(self) -> list[PartitionRange]:
+        return [PartitionRange(p.number, p.first_offset, p.durable[0]) for p in self._parts]
+
+    def _partition(self, partition: int) -> _Partition:
+        if not 0 <= partition < self.partitions:
+            raise LogError(
+                f"partition {partition} out of range [0, {self.partitions})",
+                violations=[("partition", f"must be in [0, {self.partitions})")],
+            )
+        return self._parts[partition]
+
+    def _check_offset(self, part: _Partition, offset: int) -> None:
+        if offset < part.first_offset or offset > part.durable[0]:
+            raise OffsetOutOfRange(
+                f"offset {offset} of {self.stream}/{part.number} is outside "
+                f"[{part.first_offset}, {part.durable[0]}]",
+                violations=[("from_offset", "outside the retained range")],
+            )
+
+    def read_encoded(
+        self, partition: int, from_offset: int, max_records: int
+    ) -> tuple[list[bytes], int]:
+        """Stored ``LogBatch`` bodies of ``partition`` from ``from_offset``, and the offset
+        after the last one (``from_offset`` when nothing is there yet). Blocking file I/O."""
+        part = self._partition(partition)
+        durable_next, durable_end = part.durable
+        self._check_offset(part, from_offset)
+        if from_offset == durable_next:
+            return [], from_offset
+        with self._read_lock:
+            if from_offset >= part.active_base:
+                path, end = part.active_path, durable_end
+                position = part.active_index.locate(from_offset)
+            else:
+                segment = part.closed[bisect.bisect_right(part.closed_bases, from_offset) - 1]
+                path, end = segment.path, segment.size
+                position = self._files.index(path).locate(from_offset)
+            fd = self._files.fd(path)
+            frames, _ = read_frames(fd, position, end, max_records)
+        bodies = []
+        next_offset = from_offset
+        for header, body in frames:
+            if header.next_offset <= from_offset:
+                continue
+            if header.base_offset < from_offset:
+                # Only the first frame can start before the requested offset.
+                decoded = RecordBatch.from_proto(log_service_pb2.LogBatch.FromString(body))
+                body = decoded.starting_at(from_offset).to_proto().SerializeToString()
+            bodies.append(body)
+            next_offset = header.next_offset
+        return bodies, next_offset
+
+    async def subscribe_encoded(
+        self,
+        partition: int,
+        from_offset: int,
+        *,
+        stop_at_end: bool = False,
+        max_records: int = 5000,
+        heartbeat_seconds: float | None = None,
+    ) -> AsyncIterator[tuple[list[bytes], int, int]]:
+        """Like :meth:`subscribe`, but yields ``(stored bodies, next offset, partition's next
+        durable offset)`` without decoding: what ``Subscribe`` sends as is. With
+        ``heartbeat_seconds``, a caught-up subscription yields no bodies that often."""
+        part = self._partition(partition)
+        self._check_offset(part, from_offset)
+        end_at = part.durable[0] if stop_at_end else None
+        offset = from_offset
+        while True:
+            if end_at is not None and offset >= end_at:
+                return
+            bodies, next_offset = await asyncio.to_thread(
+                self.read_encoded, partition, offset, max_records
+            )
+            if bodies:
+                offset = next_offset
+                yield bodies, next_offset, part.durable[0]
+                continue
+            try:
+                await asyncio.wait_for(self._wait_for(partition, offset), heartbeat_seconds)
+            except TimeoutError:
+                yield [], offset, part.durable[0]
+
+    async def subscribe(
+        self,
+        partition: int,
+        from_offset: int,
+        *,
+        stop_at_end: bool = False,
+        max_records: int = 5000,
+    ) -> AsyncIterator[RecordBatch]:
+        end_at = self._partition(partition).durable[0] if stop_at_end else None
+        async for bodies, _, _ in self.subscribe_encoded(
+            partition, from_offset, stop_at_end=stop_at_end, max_records=max_records
+        ):
+            for body in bodies:
+                batch = RecordBatch.from_proto(log_service_pb2.LogBatch.FromString(body))
+                if end_at is not None and batch.base_offset >= end_at:
+                    return
+                yield batch
+
+    async def _wait_for(self, partition: int, offset: int) -> None:
+        """Return once ``partition`` has a durable record at ``offset`` (or the log closes)."""
+        part = self._parts[partition]
+        while part.durable[0] <= offset:
+            self._check_open()
+            event = self._waiters.get(partition)
+            if event is None:
+                event = self._waiters[partition] = asyncio.Event()
+            if part.durable[0] > offset:
+                return
+            await event.wait()
+
+    def _wake(self, partitions: list[int]) -> None:
+        for partition in partitions:
+            event = self._waiters.pop(partition, None)
+            if event is not None:
+                event.set()
+
+    # -- closing ---------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Finish what was accepted, stop the threads, close the files."""
+        with self._lock:
+            if self._closing and not self._threads:
+                return
+            self._closing = True
+            self._work.notify_all()
+        for thread in self._threads:
+            await asyncio.to_thread(thread.join)
+        self._threads.clear()
+        self._sync_pool.shutdown()
+        for part in self._parts:
+            if part.fd >= 0:
+                os.close(part.fd)
+                part.fd = -1
+        self._files.close()
+        for event in self._waiters.values():
+            event.set()  # subscribers wake up and find the log closed
+        self._waiters.clear()
+
+
+def _resolve(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _reject(future: asyncio.Future[Any], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
