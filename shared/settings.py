@@ -73,6 +73,15 @@ class StreamSettings(BaseModel):
     heartbeat_seconds: float = Field(default=5.0, gt=0)
     """How often a caught-up subscription gets an empty batch carrying the partition's end."""
 
+    archive_after_hours: float = Field(default=24.0, ge=0)
+    """Closed segments of the event log older than this are compacted into Parquet."""
+
+    delete_after_hours: float = Field(default=168.0, ge=0)
+    """Closed segments of the other (derived, rebuildable) logs older than this are deleted."""
+
+    maintenance_interval_seconds: float = Field(default=60.0, gt=0)
+    """How often retention runs."""
+
 
 class Settings(BaseSettings):
     """Everything a profilemesh process can be configured with."""

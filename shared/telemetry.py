@@ -8,8 +8,10 @@ named by the standard ``OTEL_EXPORTER_OTLP_*`` variables.
 from __future__ import annotations
 
 import atexit
+from collections.abc import Mapping
 
-from opentelemetry import trace
+from opentelemetry import propagate, trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
@@ -49,3 +51,16 @@ def current_trace_id() -> str | None:
     if not context.is_valid:
         return None
     return format(context.trace_id, "032x")
+
+
+def trace_headers() -> dict[str, str]:
+    """The current trace context as W3C headers (``traceparent``...), for a log message, so
+    that whoever consumes it can link its work to the span that produced it."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier
+
+
+def linked_context(headers: Mapping[str, str]) -> Context:
+    """The trace context carried by a log message's headers (empty when there is none)."""
+    return propagate.extract(headers)

@@ -65,3 +65,19 @@ def test_json_logs_carry_the_current_trace_id(spans: InMemorySpanExporter) -> No
     context = span.get_span_context()
     assert line["trace_id"] == format(context.trace_id, "032x")
     assert line["span_id"] == format(context.span_id, "016x")
+
+
+async def test_log_messages_carry_the_producers_trace_context(
+    spans: InMemorySpanExporter, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    from profilemesh.shared.log.embedded import EmbeddedLog
+    from profilemesh.shared.telemetry import linked_context
+
+    log = await EmbeddedLog.open(tmp_path, "s", partitions=1)
+    with trace.get_tracer("test").start_as_current_span("produce") as producer:
+        await log.append("k", b"payload")
+    [batch] = await log.read(0, 0)
+    await log.close()
+    carried = trace.get_current_span(linked_context(batch.headers_of(0))).get_span_context()
+    assert carried.trace_id == producer.get_span_context().trace_id
+    assert carried.span_id == producer.get_span_context().span_id

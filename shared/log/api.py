@@ -253,7 +253,8 @@ class Log(LogReader):
     ) -> Positions:
         """Append ``(key, payload)`` entries durably; all of them or, on error, none.
 
-        ``headers`` (e.g. the trace context) apply to every entry. Entries with the same key
+        ``headers`` apply to every entry; when not given, they carry the current trace context
+        so that consumers can link their spans to the producer's. Entries with the same key
         keep their order. Raises :class:`LogFull` when the backend cannot keep up.
         """
 

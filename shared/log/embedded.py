@@ -40,6 +40,13 @@ from profilemesh.shared.log.api import (
     Positions,
     RecordBatch,
 )
+from profilemesh.shared.log.archive import (
+    ArchivedSegment,
+    Retention,
+    archive_segment,
+    load_manifest,
+    read_archived,
+)
 from profilemesh.shared.log.segments import (
     INDEX_SUFFIX,
     SEGMENT_SUFFIX,
@@ -51,6 +58,7 @@ from profilemesh.shared.log.segments import (
     read_frames,
     segment_name,
 )
+from profilemesh.shared.telemetry import trace_headers
 
 MIB = 1024 * 1024
 LAYOUT_FILE = "stream.json"
@@ -117,6 +125,9 @@ class _Partition:
     def __init__(self, number: int, directory: Path) -> None:
         self.number = number
         self.directory = directory
+        self.archive = directory.parent / "archive"
+        self.archived: list[ArchivedSegment] = []
+        self.archived_bases: list[int] = []
         self.closed: list[ClosedSegment] = []
         self.closed_bases: list[int] = []
         self.active_base = 0
@@ -130,13 +141,28 @@ class _Partition:
 
     @property
     def first_offset(self) -> int:
+        """The oldest offset still readable (from the archive, a segment or the active one)."""
+        if self.archived:
+            return self.archived[0].base_offset
+        return self.segments_start
+
+    @property
+    def segments_start(self) -> int:
+        """The first offset still held in segment files."""
         return self.closed[0].base_offset if self.closed else self.active_base
 
     def open(self) -> None:
         """Load the segments, cut a torn tail off the active one, open it for appends."""
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.archived = load_manifest(self.archive, self.number)
+        self.archived_bases = [segment.base_offset for segment in self.archived]
         paths = sorted(self.directory.glob(f"*{SEGMENT_SUFFIX}"))
+        archived = set(self.archived_bases)
         for path in paths[:-1]:
+            if int(path.stem) in archived:
+                # Archived just before a crash: the Parquet files and manifest are complete.
+                _remove_segment(path)
+                continue
             segment, _ = load_closed_segment(path)
             self.closed.append(segment)
         self.closed_bases = [segment.base_offset for segment in self.closed]
@@ -183,6 +209,11 @@ class _Partition:
             self.durable = (self.next_offset, 0)
 
 
+def _remove_segment(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    path.with_suffix(INDEX_SUFFIX).unlink(missing_ok=True)
+
+
 def _fsync_directory(directory: Path) -> None:
     # A new file only survives power loss once its directory entry is synced too.
     fd = os.open(directory, os.O_RDONLY)
@@ -203,8 +234,10 @@ class EmbeddedLog(Log):
         payload_type: str,
         segment_bytes: int,
         max_pending_bytes: int,
+        retention: Retention | None = None,
     ) -> None:
         self.directory = directory
+        self.retention = retention
         self.stream = stream
         self.partitions = partitions
         self.payload_type = payload_type
@@ -237,13 +270,22 @@ class EmbeddedLog(Log):
         payload_type: str = "",
         segment_bytes: int = 64 * MIB,
         max_pending_bytes: int = 256 * MIB,
+        retention: Retention | None = None,
     ) -> EmbeddedLog:
         """Open the stream stored in ``directory``, creating it if needed.
 
         The partition count is fixed at creation: reopening with another raises ``ValueError``
         (keys would move between partitions and lose their order).
         """
-        log = cls(directory, stream, partitions, payload_type, segment_bytes, max_pending_bytes)
+        log = cls(
+            directory,
+            stream,
+            partitions,
+            payload_type,
+            segment_bytes,
+            max_pending_bytes,
+            retention,
+        )
         await asyncio.to_thread(log._open)
         log._loop = asyncio.get_running_loop()
         for target, name in ((log._write_loop, "writer"), (log._sync_loop, "syncer")):
@@ -281,6 +323,8 @@ class EmbeddedLog(Log):
     ) -> Positions:
         if not entries:
             return Positions([], {})
+        if headers is None:
+            headers = trace_headers()
         partitions = self.partitions
         partition_of = [zlib.crc32(key.encode()) % partitions for key, _ in entries]
         groups: dict[int, tuple[list[str], list[bytes]]] = {}
@@ -464,6 +508,11 @@ class EmbeddedLog(Log):
         if from_offset == durable_next:
             return [], from_offset
         with self._read_lock:
+            if from_offset < part.segments_start:
+                archived = part.archived[bisect.bisect_right(part.archived_bases, from_offset) - 1]
+                return read_archived(
+                    part.archive, archived, from_offset, max_records, self.payload_type
+                )
             if from_offset >= part.active_base:
                 path, end = part.active_path, durable_end
                 position = part.active_index.locate(from_offset)
@@ -552,6 +601,36 @@ class EmbeddedLog(Log):
             event = self._waiters.pop(partition, None)
             if event is not None:
                 event.set()
+
+    # -- retention ---------------------------------------------------------------------------
+
+    def maintain(self, now_ns: int | None = None) -> int:
+        """Apply the retention policy to closed segments older than its age: archive them as
+        Parquet or delete them. Blocking; returns how many segments it handled."""
+        if self.retention is None:
+            return 0
+        now_ns = time.time_ns() if now_ns is None else now_ns
+        cutoff = now_ns - int(self.retention.after_seconds * 1e9)
+        handled = 0
+        for part in self._parts:
+            while part.closed and part.closed[0].last_append_ns <= cutoff and not self._closing:
+                segment = part.closed[0]
+                entry = None
+                if self.retention.mode == "archive":
+                    part.archive.mkdir(parents=True, exist_ok=True)
+                    entry = archive_segment(
+                        segment, part.number, part.archive, self.retention.columns, part.archived
+                    )
+                with self._read_lock:
+                    if entry is not None:
+                        part.archived.append(entry)
+                        part.archived_bases.append(entry.base_offset)
+                    part.closed.pop(0)
+                    part.closed_bases.pop(0)
+                    self._files.forget(segment.path)
+                _remove_segment(segment.path)
+                handled += 1
+        return handled
 
     # -- closing ---------------------------------------------------------------------------
 

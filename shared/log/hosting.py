@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from profilemesh.shared.log.api import Log, type_url
+import asyncio
+import contextlib
+import logging
+
+from profilemesh.shared.log import event_columns
+from profilemesh.shared.log.api import type_url
+from profilemesh.shared.log.archive import PayloadColumns, Retention
 from profilemesh.shared.log.client import RemoteLog
 from profilemesh.shared.log.embedded import MIB, EmbeddedLog
 from profilemesh.shared.log.servicer import LogServicer, log_service_binding
@@ -18,8 +24,20 @@ STREAMS = {
 }
 """service -> (the stream it produces, the payload message type of that stream)."""
 
+logger = logging.getLogger(__name__)
 
-async def open_log(settings: Settings, service: str) -> Log:
+
+def retention_for(settings: Settings, service: str) -> Retention:
+    """The event log is the source of truth: its old segments are archived as Parquet (and stay
+    replayable). The other logs are derived from it and can be rebuilt: old segments go."""
+    streams = settings.streams
+    if service == "ingestion":
+        columns = PayloadColumns(event_columns.FIELDS, event_columns.decode_events)
+        return Retention("archive", streams.archive_after_hours * 3600, columns)
+    return Retention("delete", streams.delete_after_hours * 3600)
+
+
+async def open_log(settings: Settings, service: str) -> EmbeddedLog:
     """The log ``service`` produces, opened under its data directory."""
     stream, payload = STREAMS[service]
     streams = settings.streams
@@ -30,6 +48,7 @@ async def open_log(settings: Settings, service: str) -> Log:
         payload_type=type_url(payload),
         segment_bytes=streams.segment_mib * MIB,
         max_pending_bytes=streams.max_pending_mib * MIB,
+        retention=retention_for(settings, service),
     )
 
 
@@ -47,20 +66,40 @@ class HostedLog:
         self.settings = settings
         self.service = service
         self.servicer = LogServicer(settings.streams.heartbeat_seconds)
-        self._log: Log | None = None
+        self._log: EmbeddedLog | None = None
+        self._maintenance: asyncio.Task[None] | None = None
 
     @property
-    def log(self) -> Log:
+    def log(self) -> EmbeddedLog:
         """The open log (only between start-up and clean-up)."""
         if self._log is None:
             raise RuntimeError(f"the {self.service} log is not open")
         return self._log
 
     async def open(self) -> None:
+        """Open the log, serve it, and start applying its retention policy periodically."""
         self._log = await open_log(self.settings, self.service)
         self.servicer.host(self._log)
+        self._maintenance = asyncio.create_task(self._maintain(self._log))
+
+    async def _maintain(self, log: EmbeddedLog) -> None:
+        interval = self.settings.streams.maintenance_interval_seconds
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                handled = await asyncio.to_thread(log.maintain)
+            except Exception:  # retention failing must not take the service down
+                logger.exception("retention of the %s log failed", self.service)
+                continue
+            if handled:
+                logger.info("retention handled %d segments", handled, extra={"log": log.stream})
 
     async def close(self) -> None:
+        """Stop retention and close the log."""
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._maintenance
         if self._log is not None:
             await self._log.close()
             self._log = None

@@ -72,6 +72,12 @@ def decode_header(data: bytes | memoryview) -> FrameHeader | None:
 def scan_frames(path: Path, verify: bool = True) -> Iterator[tuple[int, FrameHeader]]:
     """``(position, header)`` of every complete (and, with ``verify``, intact) frame of a
     segment, from the start, stopping at the first torn or corrupt one."""
+    for position, header, _ in iter_frames(path, verify):
+        yield position, header
+
+
+def iter_frames(path: Path, verify: bool = True) -> Iterator[tuple[int, FrameHeader, bytes]]:
+    """Like :func:`scan_frames`, with each frame's body."""
     with path.open("rb") as file:
         position = 0
         while True:
@@ -84,7 +90,7 @@ def scan_frames(path: Path, verify: bool = True) -> Iterator[tuple[int, FrameHea
                 return
             if verify and zlib.crc32(body) != header.crc:
                 return
-            yield position, header
+            yield position, header, body
             position += HEADER_SIZE + header.body_length
 
 
