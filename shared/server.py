@@ -13,11 +13,12 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf import message_factory
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
@@ -157,11 +158,54 @@ async def _watch_parent(parent_pid: int, stop_requested: asyncio.Event) -> None:
     stop_requested.set()
 
 
-def bind(pb2: Any, pb2_grpc: Any, service: str, servicer: Any) -> ServiceBinding:
+def bind(
+    pb2: Any,
+    pb2_grpc: Any,
+    service: str,
+    servicer: Any,
+    *,
+    request_views: Mapping[str, Any] | None = None,
+) -> ServiceBinding:
     """The binding of ``servicer`` for ``service`` (e.g. ``"IngestionService"``), found in the
-    generated modules ``pb2`` (descriptors) and ``pb2_grpc`` (registration function)."""
-    return ServiceBinding(
-        name=pb2.DESCRIPTOR.services_by_name[service].full_name,
-        add_to_server=getattr(pb2_grpc, f"add_{service}Servicer_to_server"),
-        servicer=servicer,
-    )
+    generated modules ``pb2`` (descriptors) and ``pb2_grpc`` (registration function).
+
+    ``request_views`` maps RPC names to wire-compatible message classes their requests are
+    decoded as instead (a hot path that must not decode everything).
+    """
+    descriptor = pb2.DESCRIPTOR.services_by_name[service]
+    if not request_views:
+        return ServiceBinding(
+            name=descriptor.full_name,
+            add_to_server=getattr(pb2_grpc, f"add_{service}Servicer_to_server"),
+            servicer=servicer,
+        )
+    views = dict(request_views)
+
+    def add_to_server(servicer: Any, server: grpc.aio.Server) -> None:
+        handlers = {}
+        for method in descriptor.methods:
+            request = views.get(method.name) or _message_class(method.input_type)
+            response = _message_class(method.output_type)
+            factory = _HANDLER_FACTORIES[(method.client_streaming, method.server_streaming)]
+            handlers[method.name] = factory(
+                getattr(servicer, method.name),
+                request_deserializer=request.FromString,
+                response_serializer=response.SerializeToString,
+            )
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(descriptor.full_name, handlers),)
+        )
+
+    return ServiceBinding(name=descriptor.full_name, add_to_server=add_to_server, servicer=servicer)
+
+
+_HANDLER_FACTORIES = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def _message_class(descriptor: Any) -> Any:
+    return message_factory.GetMessageClass(descriptor)

@@ -83,6 +83,29 @@ class StreamSettings(BaseModel):
     """How often retention runs."""
 
 
+class IngestionSettings(BaseModel):
+    """Limits and behaviour of the ingestion service."""
+
+    max_event_bytes: int = Field(default=32 * 1024, ge=1024)
+    """Largest accepted event, serialized (Segment's limit is 32 KB)."""
+
+    max_batch_events: int = Field(default=500, ge=1)
+    max_batch_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+
+    dedup_window_hours: float = Field(default=24.0, gt=0)
+    """A message id seen within this window is a duplicate."""
+
+    dedup_max_ids: int = Field(default=4_000_000, ge=1000)
+    """Ids remembered per window generation; past this a generation turns over early, so
+    memory stays bounded even under a flood."""
+
+    dedup_snapshot_seconds: float = Field(default=30.0, gt=0)
+    """How often the remembered ids are saved (start-up replays the log only since then)."""
+
+    tracking_plans_file: Path | None = None
+    """A YAML file of tracking plans loaded at start-up (plans set by RPC are kept too)."""
+
+
 class Settings(BaseSettings):
     """Everything a profilemesh process can be configured with."""
 
@@ -101,6 +124,7 @@ class Settings(BaseSettings):
     services: Endpoints = Endpoints()
     client: ClientSettings = ClientSettings()
     streams: StreamSettings = StreamSettings()
+    ingestion: IngestionSettings = IngestionSettings()
 
     grace_seconds: float = Field(default=5.0, ge=0)
     """On SIGTERM, how long in-flight calls may finish before they are cancelled."""
@@ -159,7 +183,10 @@ class Settings(BaseSettings):
             endpoint = self.services.of(name)
             env[f"PROFILEMESH_SERVICES__{name.upper()}__HOST"] = endpoint.host
             env[f"PROFILEMESH_SERVICES__{name.upper()}__PORT"] = str(endpoint.port)
-        for group, model in (("CLIENT", self.client), ("STREAMS", self.streams)):
+        groups = (("CLIENT", self.client), ("STREAMS", self.streams), ("INGESTION", self.ingestion))
+        for group, model in groups:
             for field in type(model).model_fields:
-                env[f"PROFILEMESH_{group}__{field.upper()}"] = str(getattr(model, field))
+                value = getattr(model, field)
+                if value is not None:
+                    env[f"PROFILEMESH_{group}__{field.upper()}"] = str(value)
         return env

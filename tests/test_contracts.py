@@ -14,6 +14,20 @@ from profilemesh.shared.settings import SERVICE_NAMES, Settings
 IMPLEMENTED = {
     "/profilemesh.common.v1.LogService/Subscribe",
     "/profilemesh.common.v1.LogService/GetOffsets",
+    *(
+        f"/profilemesh.ingestion.v1.IngestionService/{name}"
+        for name in (
+            "SendEvent",
+            "SendEvents",
+            "StreamEvents",
+            "ImportRecords",
+            "CreateTrackingPlan",
+            "GetTrackingPlan",
+            "ListTrackingPlans",
+            "UpdateTrackingPlan",
+            "DeleteTrackingPlan",
+        )
+    ),
 }
 """Full method names that do real work; grows as the services are built."""
 

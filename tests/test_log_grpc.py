@@ -9,45 +9,12 @@ import grpc
 import pytest
 
 from profilemesh.common.v1 import log_service_pb2, log_service_pb2_grpc
-from profilemesh.services.runner import load_app
 from profilemesh.shared.channel import create_channel
-from profilemesh.shared.log.api import Log, OffsetOutOfRange
+from profilemesh.shared.log.api import OffsetOutOfRange
 from profilemesh.shared.log.client import RemoteLog
 from profilemesh.shared.log.hosting import HostedLog
-from profilemesh.shared.server import ServiceServer, create_server
-from profilemesh.shared.service_app import ServiceApp
 from profilemesh.shared.settings import Settings
-
-
-class RunningIngestion:
-    """The ingestion service served in this process, with a handle on its log."""
-
-    def __init__(self, settings: Settings, port: int = 0) -> None:
-        self.settings = settings
-        self.port = port
-        self.app: ServiceApp | None = None
-        self.server: ServiceServer | None = None
-
-    async def start(self) -> None:
-        self.app = load_app("ingestion", self.settings)
-        self.server, self.port = create_server(self.app.bindings, self.settings, port=self.port)
-        await self.app.start()
-        await self.server.start()
-
-    @property
-    def log(self) -> Log:
-        assert self.app is not None
-        hosted = next(b.servicer for b in self.app.bindings if b.name.endswith("LogService"))
-        return hosted.logs["events"]  # type: ignore[no-any-return]
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    async def stop(self) -> None:
-        assert self.server is not None and self.app is not None
-        await self.server.stop(0)
-        await self.app.close()
+from tests.ingestion_service import RunningIngestion
 
 
 @pytest.fixture

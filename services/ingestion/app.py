@@ -1,10 +1,10 @@
-"""Assembles the ingestion service: domain, servicers and lifecycle."""
+"""Assembles the ingestion service: its event log, domain and servicers."""
 
 from __future__ import annotations
 
 from profilemesh.ingestion.v1 import ingestion_service_pb2, ingestion_service_pb2_grpc
 from profilemesh.services.ingestion.domain import Ingestion
-from profilemesh.services.ingestion.servicer import IngestionServicer
+from profilemesh.services.ingestion.servicer import REQUEST_VIEWS, IngestionServicer
 from profilemesh.shared.log.hosting import host_log
 from profilemesh.shared.server import bind
 from profilemesh.shared.service_app import ServiceApp
@@ -12,8 +12,9 @@ from profilemesh.shared.settings import Settings
 
 
 def build_app(settings: Settings) -> ServiceApp:
-    """The ingestion service with its domain and log under ``<data_dir>/ingestion``."""
-    domain = Ingestion(settings.service_data_dir("ingestion"))
+    """The ingestion service with its data under ``<data_dir>/ingestion``."""
+    domain = Ingestion(settings.service_data_dir("ingestion"), settings.ingestion)
+    servicer = IngestionServicer(domain)
     app = ServiceApp(
         name="ingestion",
         bindings=[
@@ -21,9 +22,18 @@ def build_app(settings: Settings) -> ServiceApp:
                 ingestion_service_pb2,
                 ingestion_service_pb2_grpc,
                 "IngestionService",
-                IngestionServicer(domain),
+                servicer,
+                request_views=REQUEST_VIEWS,
             )
         ],
     )
-    host_log(app, settings)
+    hosted = host_log(app, settings)
+
+    async def open_domain() -> None:
+        await domain.open(hosted.log)
+
+    # Start-up hooks run in order and clean-up hooks in reverse: the domain opens after the
+    # log and closes before it.
+    app.startup.append(open_domain)
+    app.cleanup.append(domain.close)
     return app

@@ -1,16 +1,65 @@
-"""The ingestion domain: the service's state and rules, with no gRPC in sight.
+"""The ingestion domain as a whole: what the servicer talks to, open once the log is.
 
-Empty for now: each RPC's behaviour lands here as it is built, and the servicer stays a thin
-translation between protobuf and these objects.
+It owns the tracking plans (available at once), and the intake (checks, dedup and durable
+appends), which exists only while the event log is open.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from pathlib import Path
+
+from profilemesh.services.ingestion.intake import Intake
+from profilemesh.services.ingestion.tracking_plans import TrackingPlans
+from profilemesh.shared.errors import Unavailable
+from profilemesh.shared.log.embedded import EmbeddedLog
+from profilemesh.shared.settings import IngestionSettings
+
+log = logging.getLogger(__name__)
 
 
 class Ingestion:
-    """The ingestion service's domain state, kept under its own data directory."""
+    """The ingestion service's domain state, kept under ``data_dir``."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, settings: IngestionSettings) -> None:
         self.data_dir = data_dir
+        self.settings = settings
+        self.plans = TrackingPlans(data_dir / "tracking_plans.json")
+        self._intake: Intake | None = None
+        self._snapshots: asyncio.Task[None] | None = None
+
+    @property
+    def intake(self) -> Intake:
+        """The intake; only while the service is running."""
+        if self._intake is None:
+            raise Unavailable("ingestion is starting or stopping")
+        return self._intake
+
+    async def open(self, event_log: EmbeddedLog) -> None:
+        """Load the plans file, recover deduplication from the log, start snapshots."""
+        if self.settings.tracking_plans_file is not None:
+            self.plans.load_yaml(self.settings.tracking_plans_file)
+        intake = Intake(event_log, self.settings, self.plans, self.data_dir / "dedup.snapshot")
+        await intake.recover()
+        self._intake = intake
+        self._snapshots = asyncio.create_task(self._snapshot_periodically(intake))
+
+    async def close(self) -> None:
+        """Stop snapshots and save a last one (so the next start replays little)."""
+        if self._snapshots is not None:
+            self._snapshots.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._snapshots
+        if self._intake is not None:
+            await self._intake.save_snapshot()
+            self._intake = None
+
+    async def _snapshot_periodically(self, intake: Intake) -> None:
+        while True:
+            await asyncio.sleep(self.settings.dedup_snapshot_seconds)
+            try:
+                await intake.save_snapshot()
+            except OSError:
+                log.exception("saving the dedup snapshot failed; will retry")

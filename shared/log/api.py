@@ -251,7 +251,10 @@ class Log(LogReader):
         entries: Sequence[tuple[str, bytes]],
         headers: Mapping[str, str] | None = None,
     ) -> Positions:
-        """Append ``(key, payload)`` entries durably; all of them or, on error, none.
+        """Append ``(key, payload)`` entries durably and return once all of them are.
+
+        On an error nothing is acknowledged; entries bound for different partitions may still
+        be partly stored (a retry then repeats them, which deduplication absorbs).
 
         ``headers`` apply to every entry; when not given, they carry the current trace context
         so that consumers can link their spans to the producer's. Entries with the same key

@@ -8,6 +8,10 @@ commit), and so that writing the next flush overlaps syncing the previous one:
 - the *syncer* takes every flush written so far, ``fdatasync`` s the touched partitions (in
   parallel), then acknowledges the appends and wakes the subscribers.
 
+An append that spans partitions writes one frame per partition; it is acknowledged once all of
+them are synced. A crash before that may leave some of its frames on disk and not others:
+never acknowledged, so its producer retries, and ingestion's deduplication absorbs the repeat.
+
 Readers only ever see synced data. A failed write or sync stops the log (fail-stop): what was
 acknowledged is on disk, what was not is either absent or cut off as a torn tail on the next
 open, and retrying on a half-failed disk would risk acknowledging lost data.
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import fcntl
 import json
 import os
 import threading
@@ -59,20 +64,11 @@ from profilemesh.shared.log.segments import (
     segment_name,
 )
 from profilemesh.shared.telemetry import trace_headers
+from profilemesh.shared.wire import timestamp_field, varint_field
 
 MIB = 1024 * 1024
 LAYOUT_FILE = "stream.json"
 LAYOUT_VERSION = 1
-
-
-def varint(value: int) -> bytes:
-    """Protobuf's base-128 encoding of a non-negative integer."""
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def _offset_and_time_fields(base_offset: int, append_time_ns: int) -> bytes:
@@ -81,10 +77,8 @@ def _offset_and_time_fields(base_offset: int, append_time_ns: int) -> bytes:
     Appending them to a body the producer serialized without them yields the full message
     (protobuf concatenation merges), so the writer never re-serializes a batch.
     """
-    seconds, nanos = divmod(append_time_ns, 1_000_000_000)
-    timestamp = b"\x08" + varint(seconds) + (b"\x10" + varint(nanos) if nanos else b"")
-    offset_field = b"\x10" + varint(base_offset) if base_offset else b""
-    return offset_field + b"\x1a" + varint(len(timestamp)) + timestamp
+    offset_field = varint_field(2, base_offset) if base_offset else b""
+    return offset_field + timestamp_field(3, append_time_ns)
 
 
 @dataclass
@@ -259,6 +253,7 @@ class EmbeddedLog(Log):
         self._waiters: dict[int, asyncio.Event] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._threads: list[threading.Thread] = []
+        self._lock_fd = -1
 
     @classmethod
     async def open(
@@ -296,6 +291,16 @@ class EmbeddedLog(Log):
 
     def _open(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
+        # One writer per stream: a second process appending to the same files would corrupt
+        # them, so it is refused (the lock goes away with the process, however it ends).
+        self._lock_fd = os.open(self.directory / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as error:
+            os.close(self._lock_fd)
+            raise LogError(
+                f"{self.directory} is in use by another process", reason="LOG_IN_USE"
+            ) from error
         layout_path = self.directory / LAYOUT_FILE
         layout = {"version": LAYOUT_VERSION, "stream": self.stream, "partitions": self.partitions}
         if layout_path.exists():
@@ -650,6 +655,7 @@ class EmbeddedLog(Log):
                 os.close(part.fd)
                 part.fd = -1
         self._files.close()
+        os.close(self._lock_fd)  # releases the flock
         for event in self._waiters.values():
             event.set()  # subscribers wake up and find the log closed
         self._waiters.clear()

@@ -16,8 +16,9 @@ import grpc
 from profilemesh.common.v1 import log_service_pb2
 from profilemesh.shared.errors import InvalidArgument, NotFound
 from profilemesh.shared.log.api import Log
-from profilemesh.shared.log.embedded import EmbeddedLog, varint
+from profilemesh.shared.log.embedded import EmbeddedLog
 from profilemesh.shared.server import ServiceBinding
+from profilemesh.shared.wire import varint
 
 SERVICE = log_service_pb2.DESCRIPTOR.services_by_name["LogService"].full_name
 DEFAULT_BATCH_RECORDS = 5000

@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$profilemesh/ingestion/v1/event.proto\x12\x18profilemesh.ingestion.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8a\x05\n\x05\x45vent\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x14\n\x0c\x61nonymous_id\x18\x03 \x01(\t\x12-\n\ttimestamp\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07sent_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0breceived_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x07\x63ontext\x18\x07 \x01(\x0b\x32!.profilemesh.ingestion.v1.Context\x12-\n\x0cintegrations\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x35\n\x05track\x18\n \x01(\x0b\x32$.profilemesh.ingestion.v1.TrackEventH\x00\x12;\n\x08identify\x18\x0b \x01(\x0b\x32\'.profilemesh.ingestion.v1.IdentifyEventH\x00\x12\x33\n\x04page\x18\x0c \x01(\x0b\x32#.profilemesh.ingestion.v1.PageEventH\x00\x12\x37\n\x06screen\x18\r \x01(\x0b\x32%.profilemesh.ingestion.v1.ScreenEventH\x00\x12\x35\n\x05group\x18\x0e \x01(\x0b\x32$.profilemesh.ingestion.v1.GroupEventH\x00\x12\x35\n\x05\x61lias\x18\x0f \x01(\x0b\x32$.profilemesh.ingestion.v1.AliasEventH\x00\x42\x06\n\x04\x62ody\"H\n\nTrackEvent\x12\r\n\x05\x65vent\x18\x01 \x01(\t\x12+\n\nproperties\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"8\n\rIdentifyEvent\x12\'\n\x06traits\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\"X\n\tPageEvent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12+\n\nproperties\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"Z\n\x0bScreenEvent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12+\n\nproperties\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"G\n\nGroupEvent\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\'\n\x06traits\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"!\n\nAliasEvent\x12\x13\n\x0bprevious_id\x18\x01 \x01(\t\"\xff\x05\n\x07\x43ontext\x12\x13\n\x06\x61\x63tive\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\n\n\x02ip\x18\x02 \x01(\t\x12\x12\n\nuser_agent\x18\x03 \x01(\t\x12\x0e\n\x06locale\x18\x04 \x01(\t\x12\x10\n\x08timezone\x18\x05 \x01(\t\x12\x32\n\x07library\x18\x06 \x01(\x0b\x32!.profilemesh.ingestion.v1.Library\x12*\n\x03\x61pp\x18\x07 \x01(\x0b\x32\x1d.profilemesh.ingestion.v1.App\x12\x34\n\x08\x63\x61mpaign\x18\x08 \x01(\x0b\x32\".profilemesh.ingestion.v1.Campaign\x12\x30\n\x06\x64\x65vice\x18\t \x01(\x0b\x32 .profilemesh.ingestion.v1.Device\x12(\n\x02os\x18\n \x01(\x0b\x32\x1c.profilemesh.ingestion.v1.Os\x12,\n\x04page\x18\x0b \x01(\x0b\x32\x1e.profilemesh.ingestion.v1.Page\x12\x30\n\x06screen\x18\x0c \x01(\x0b\x32 .profilemesh.ingestion.v1.Screen\x12\x32\n\x07network\x18\r \x01(\x0b\x32!.profilemesh.ingestion.v1.Network\x12\x34\n\x08location\x18\x0e \x01(\x0b\x32\".profilemesh.ingestion.v1.Location\x12\x34\n\x08referrer\x18\x0f \x01(\x0b\x32\".profilemesh.ingestion.v1.Referrer\x12\'\n\x06traits\x18\x10 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x10\n\x08group_id\x18\x11 \x01(\t\x12=\n\x07\x63onsent\x18\x12 \x01(\x0b\x32,.profilemesh.ingestion.v1.ConsentPreferences\x12&\n\x05\x65xtra\x18\x13 \x01(\x0b\x32\x17.google.protobuf.StructB\t\n\x07_active\"(\n\x07Library\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"F\n\x03\x41pp\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05\x62uild\x18\x03 \x01(\t\x12\x11\n\tnamespace\x18\x04 \x01(\t\"W\n\x08\x43\x61mpaign\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0e\n\x06medium\x18\x03 \x01(\t\x12\x0c\n\x04term\x18\x04 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x05 \x01(\t\"\xb6\x01\n\x06\x44\x65vice\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x64vertising_id\x18\x02 \x01(\t\x12 \n\x13\x61\x64_tracking_enabled\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x14\n\x0cmanufacturer\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0c\n\x04type\x18\x06 \x01(\t\x12\x0c\n\x04name\x18\x07 \x01(\t\x12\r\n\x05token\x18\x08 \x01(\tB\x16\n\x14_ad_tracking_enabled\"#\n\x02Os\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"R\n\x04Page\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x10\n\x08referrer\x18\x02 \x01(\t\x12\x0e\n\x06search\x18\x03 \x01(\t\x12\r\n\x05title\x18\x04 \x01(\t\x12\x0b\n\x03url\x18\x05 \x01(\t\"8\n\x06Screen\x12\r\n\x05width\x18\x01 \x01(\x05\x12\x0e\n\x06height\x18\x02 \x01(\x05\x12\x0f\n\x07\x64\x65nsity\x18\x03 \x01(\x01\"\x80\x01\n\x07Network\x12\x0f\n\x07\x63\x61rrier\x18\x01 \x01(\t\x12\x11\n\x04wifi\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x15\n\x08\x63\x65llular\x18\x03 \x01(\x08H\x01\x88\x01\x01\x12\x16\n\tbluetooth\x18\x04 \x01(\x08H\x02\x88\x01\x01\x42\x07\n\x05_wifiB\x0b\n\t_cellularB\x0c\n\n_bluetooth\"\xa1\x01\n\x08Location\x12\x0c\n\x04\x63ity\x18\x01 \x01(\t\x12\x0f\n\x07\x63ountry\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\x15\n\x08latitude\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tlongitude\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05speed\x18\x06 \x01(\x01H\x02\x88\x01\x01\x42\x0b\n\t_latitudeB\x0c\n\n_longitudeB\x08\n\x06_speed\"A\n\x08Referrer\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0b\n\x03url\x18\x03 \x01(\t\x12\x0c\n\x04link\x18\x04 \x01(\t\"\xb5\x01\n\x12\x43onsentPreferences\x12\x63\n\x14\x63\x61tegory_preferences\x18\x01 \x03(\x0b\x32\x45.profilemesh.ingestion.v1.ConsentPreferences.CategoryPreferencesEntry\x1a:\n\x18\x43\x61tegoryPreferencesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x08:\x02\x38\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$profilemesh/ingestion/v1/event.proto\x12\x18profilemesh.ingestion.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc2\x05\n\x05\x45vent\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x14\n\x0c\x61nonymous_id\x18\x03 \x01(\t\x12-\n\ttimestamp\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07sent_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0breceived_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x07\x63ontext\x18\x07 \x01(\x0b\x32!.profilemesh.ingestion.v1.Context\x12\x36\n\x12original_timestamp\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x0cintegrations\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x35\n\x05track\x18\n \x01(\x0b\x32$.profilemesh.ingestion.v1.TrackEventH\x00\x12;\n\x08identify\x18\x0b \x01(\x0b\x32\'.profilemesh.ingestion.v1.IdentifyEventH\x00\x12\x33\n\x04page\x18\x0c \x01(\x0b\x32#.profilemesh.ingestion.v1.PageEventH\x00\x12\x37\n\x06screen\x18\r \x01(\x0b\x32%.profilemesh.ingestion.v1.ScreenEventH\x00\x12\x35\n\x05group\x18\x0e \x01(\x0b\x32$.profilemesh.ingestion.v1.GroupEventH\x00\x12\x35\n\x05\x61lias\x18\x0f \x01(\x0b\x32$.profilemesh.ingestion.v1.AliasEventH\x00\x42\x06\n\x04\x62ody\"H\n\nTrackEvent\x12\r\n\x05\x65vent\x18\x01 \x01(\t\x12+\n\nproperties\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"8\n\rIdentifyEvent\x12\'\n\x06traits\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\"X\n\tPageEvent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12+\n\nproperties\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"Z\n\x0bScreenEvent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12+\n\nproperties\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"G\n\nGroupEvent\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\'\n\x06traits\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"!\n\nAliasEvent\x12\x13\n\x0bprevious_id\x18\x01 \x01(\t\"\xff\x05\n\x07\x43ontext\x12\x13\n\x06\x61\x63tive\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\n\n\x02ip\x18\x02 \x01(\t\x12\x12\n\nuser_agent\x18\x03 \x01(\t\x12\x0e\n\x06locale\x18\x04 \x01(\t\x12\x10\n\x08timezone\x18\x05 \x01(\t\x12\x32\n\x07library\x18\x06 \x01(\x0b\x32!.profilemesh.ingestion.v1.Library\x12*\n\x03\x61pp\x18\x07 \x01(\x0b\x32\x1d.profilemesh.ingestion.v1.App\x12\x34\n\x08\x63\x61mpaign\x18\x08 \x01(\x0b\x32\".profilemesh.ingestion.v1.Campaign\x12\x30\n\x06\x64\x65vice\x18\t \x01(\x0b\x32 .profilemesh.ingestion.v1.Device\x12(\n\x02os\x18\n \x01(\x0b\x32\x1c.profilemesh.ingestion.v1.Os\x12,\n\x04page\x18\x0b \x01(\x0b\x32\x1e.profilemesh.ingestion.v1.Page\x12\x30\n\x06screen\x18\x0c \x01(\x0b\x32 .profilemesh.ingestion.v1.Screen\x12\x32\n\x07network\x18\r \x01(\x0b\x32!.profilemesh.ingestion.v1.Network\x12\x34\n\x08location\x18\x0e \x01(\x0b\x32\".profilemesh.ingestion.v1.Location\x12\x34\n\x08referrer\x18\x0f \x01(\x0b\x32\".profilemesh.ingestion.v1.Referrer\x12\'\n\x06traits\x18\x10 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x10\n\x08group_id\x18\x11 \x01(\t\x12=\n\x07\x63onsent\x18\x12 \x01(\x0b\x32,.profilemesh.ingestion.v1.ConsentPreferences\x12&\n\x05\x65xtra\x18\x13 \x01(\x0b\x32\x17.google.protobuf.StructB\t\n\x07_active\"(\n\x07Library\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"F\n\x03\x41pp\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05\x62uild\x18\x03 \x01(\t\x12\x11\n\tnamespace\x18\x04 \x01(\t\"W\n\x08\x43\x61mpaign\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0e\n\x06medium\x18\x03 \x01(\t\x12\x0c\n\x04term\x18\x04 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x05 \x01(\t\"\xb6\x01\n\x06\x44\x65vice\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x64vertising_id\x18\x02 \x01(\t\x12 \n\x13\x61\x64_tracking_enabled\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x14\n\x0cmanufacturer\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0c\n\x04type\x18\x06 \x01(\t\x12\x0c\n\x04name\x18\x07 \x01(\t\x12\r\n\x05token\x18\x08 \x01(\tB\x16\n\x14_ad_tracking_enabled\"#\n\x02Os\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"R\n\x04Page\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x10\n\x08referrer\x18\x02 \x01(\t\x12\x0e\n\x06search\x18\x03 \x01(\t\x12\r\n\x05title\x18\x04 \x01(\t\x12\x0b\n\x03url\x18\x05 \x01(\t\"8\n\x06Screen\x12\r\n\x05width\x18\x01 \x01(\x05\x12\x0e\n\x06height\x18\x02 \x01(\x05\x12\x0f\n\x07\x64\x65nsity\x18\x03 \x01(\x01\"\x80\x01\n\x07Network\x12\x0f\n\x07\x63\x61rrier\x18\x01 \x01(\t\x12\x11\n\x04wifi\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x15\n\x08\x63\x65llular\x18\x03 \x01(\x08H\x01\x88\x01\x01\x12\x16\n\tbluetooth\x18\x04 \x01(\x08H\x02\x88\x01\x01\x42\x07\n\x05_wifiB\x0b\n\t_cellularB\x0c\n\n_bluetooth\"\xa1\x01\n\x08Location\x12\x0c\n\x04\x63ity\x18\x01 \x01(\t\x12\x0f\n\x07\x63ountry\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\x15\n\x08latitude\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tlongitude\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05speed\x18\x06 \x01(\x01H\x02\x88\x01\x01\x42\x0b\n\t_latitudeB\x0c\n\n_longitudeB\x08\n\x06_speed\"A\n\x08Referrer\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0b\n\x03url\x18\x03 \x01(\t\x12\x0c\n\x04link\x18\x04 \x01(\t\"\xb5\x01\n\x12\x43onsentPreferences\x12\x63\n\x14\x63\x61tegory_preferences\x18\x01 \x03(\x0b\x32\x45.profilemesh.ingestion.v1.ConsentPreferences.CategoryPreferencesEntry\x1a:\n\x18\x43\x61tegoryPreferencesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x08:\x02\x38\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,43 +36,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONSENTPREFERENCES_CATEGORYPREFERENCESENTRY']._loaded_options = None
   _globals['_CONSENTPREFERENCES_CATEGORYPREFERENCESENTRY']._serialized_options = b'8\001'
   _globals['_EVENT']._serialized_start=130
-  _globals['_EVENT']._serialized_end=780
-  _globals['_TRACKEVENT']._serialized_start=782
-  _globals['_TRACKEVENT']._serialized_end=854
-  _globals['_IDENTIFYEVENT']._serialized_start=856
-  _globals['_IDENTIFYEVENT']._serialized_end=912
-  _globals['_PAGEEVENT']._serialized_start=914
-  _globals['_PAGEEVENT']._serialized_end=1002
-  _globals['_SCREENEVENT']._serialized_start=1004
-  _globals['_SCREENEVENT']._serialized_end=1094
-  _globals['_GROUPEVENT']._serialized_start=1096
-  _globals['_GROUPEVENT']._serialized_end=1167
-  _globals['_ALIASEVENT']._serialized_start=1169
-  _globals['_ALIASEVENT']._serialized_end=1202
-  _globals['_CONTEXT']._serialized_start=1205
-  _globals['_CONTEXT']._serialized_end=1972
-  _globals['_LIBRARY']._serialized_start=1974
-  _globals['_LIBRARY']._serialized_end=2014
-  _globals['_APP']._serialized_start=2016
-  _globals['_APP']._serialized_end=2086
-  _globals['_CAMPAIGN']._serialized_start=2088
-  _globals['_CAMPAIGN']._serialized_end=2175
-  _globals['_DEVICE']._serialized_start=2178
-  _globals['_DEVICE']._serialized_end=2360
-  _globals['_OS']._serialized_start=2362
-  _globals['_OS']._serialized_end=2397
-  _globals['_PAGE']._serialized_start=2399
-  _globals['_PAGE']._serialized_end=2481
-  _globals['_SCREEN']._serialized_start=2483
-  _globals['_SCREEN']._serialized_end=2539
-  _globals['_NETWORK']._serialized_start=2542
-  _globals['_NETWORK']._serialized_end=2670
-  _globals['_LOCATION']._serialized_start=2673
-  _globals['_LOCATION']._serialized_end=2834
-  _globals['_REFERRER']._serialized_start=2836
-  _globals['_REFERRER']._serialized_end=2901
-  _globals['_CONSENTPREFERENCES']._serialized_start=2904
-  _globals['_CONSENTPREFERENCES']._serialized_end=3085
-  _globals['_CONSENTPREFERENCES_CATEGORYPREFERENCESENTRY']._serialized_start=3027
-  _globals['_CONSENTPREFERENCES_CATEGORYPREFERENCESENTRY']._serialized_end=3085
+  _globals['_EVENT']._serialized_end=836
+  _globals['_TRACKEVENT']._serialized_start=838
+  _globals['_TRACKEVENT']._serialized_end=910
+  _globals['_IDENTIFYEVENT']._serialized_start=912
+  _globals['_IDENTIFYEVENT']._serialized_end=968
+  _globals['_PAGEEVENT']._serialized_start=970
+  _globals['_PAGEEVENT']._serialized_end=1058
+  _globals['_SCREENEVENT']._serialized_start=1060
+  _globals['_SCREENEVENT']._serialized_end=1150
+  _globals['_GROUPEVENT']._serialized_start=1152
+  _globals['_GROUPEVENT']._serialized_end=1223
+  _globals['_ALIASEVENT']._serialized_start=1225
+  _globals['_ALIASEVENT']._serialized_end=1258
+  _globals['_CONTEXT']._serialized_start=1261
+  _globals['_CONTEXT']._serialized_end=2028
+  _globals['_LIBRARY']._serialized_start=2030
+  _globals['_LIBRARY']._serialized_end=2070
+  _globals['_APP']._serialized_start=2072
+  _globals['_APP']._serialized_end=2142
+  _globals['_CAMPAIGN']._serialized_start=2144
+  _globals['_CAMPAIGN']._serialized_end=2231
+  _globals['_DEVICE']._serialized_start=2234
+  _globals['_DEVICE']._serialized_end=2416
+  _globals['_OS']._serialized_start=2418
+  _globals['_OS']._serialized_end=2453
+  _globals['_PAGE']._serialized_start=2455
+  _globals['_PAGE']._serialized_end=2537
+  _globals['_SCREEN']._serialized_start=2539
+  _globals['_SCREEN']._serialized_end=2595
+  _globals['_NETWORK']._serialized_start=2598
+  _globals['_NETWORK']._serialized_end=2726
+  _globals['_LOCATION']._serialized_start=2729
+  _globals['_LOCATION']._serialized_end=2890
+  _globals['_REFERRER']._serialized_start=2892
+  _globals['_REFERRER']._serialized_end=2957
+  _globals['_CONSENTPREFERENCES']._serialized_start=2960
+  _globals['_CONSENTPREFERENCES']._serialized_end=3141
+  _globals['_CONSENTPREFERENCES_CATEGORYPREFERENCESENTRY']._serialized_start=3083
+  _globals['_CONSENTPREFERENCES_CATEGORYPREFERENCESENTRY']._serialized_end=3141
 # @@protoc_insertion_point(module_scope)

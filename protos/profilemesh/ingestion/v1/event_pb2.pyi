@@ -35,6 +35,7 @@ class Event(_message.Message):
     SENT_AT_FIELD_NUMBER: _builtins.int
     RECEIVED_AT_FIELD_NUMBER: _builtins.int
     CONTEXT_FIELD_NUMBER: _builtins.int
+    ORIGINAL_TIMESTAMP_FIELD_NUMBER: _builtins.int
     INTEGRATIONS_FIELD_NUMBER: _builtins.int
     TRACK_FIELD_NUMBER: _builtins.int
     IDENTIFY_FIELD_NUMBER: _builtins.int
@@ -57,14 +58,15 @@ class Event(_message.Message):
     """
     @_builtins.property
     def timestamp(self) -> _timestamp_pb2.Timestamp:
-        """When the event happened, by the client's clock. When unset, ingestion uses received_at.
-        Features, windows and point-in-time lookups use this time.
+        """When the event happened. Sent by the client by its own clock; stored corrected for clock
+        skew as Segment does: when sent_at is set, timestamp = received_at - (sent_at - timestamp),
+        and when unset, received_at. Features, windows and point-in-time lookups use this time.
         """
 
     @_builtins.property
     def sent_at(self) -> _timestamp_pb2.Timestamp:
         """When the client sent the event (after any local batching), by the client's clock. Optional;
-        kept for clock-skew analysis.
+        with it, ingestion corrects `timestamp` for the client clock's skew.
         """
 
     @_builtins.property
@@ -74,6 +76,10 @@ class Event(_message.Message):
     @_builtins.property
     def context(self) -> Global___Context:
         """Facts about the environment of the event (device, page, campaign ...)."""
+
+    @_builtins.property
+    def original_timestamp(self) -> _timestamp_pb2.Timestamp:
+        """The client's `timestamp` as sent, before clock-skew correction. Set by ingestion."""
 
     @_builtins.property
     def integrations(self) -> _struct_pb2.Struct:
@@ -116,6 +122,7 @@ class Event(_message.Message):
         sent_at: _timestamp_pb2.Timestamp | None = ...,
         received_at: _timestamp_pb2.Timestamp | None = ...,
         context: Global___Context | None = ...,
+        original_timestamp: _timestamp_pb2.Timestamp | None = ...,
         integrations: _struct_pb2.Struct | None = ...,
         track: Global___TrackEvent | None = ...,
         identify: Global___IdentifyEvent | None = ...,
@@ -124,9 +131,9 @@ class Event(_message.Message):
         group: Global___GroupEvent | None = ...,
         alias: Global___AliasEvent | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "body", b"body", "context", b"context", "group", b"group", "identify", b"identify", "integrations", b"integrations", "page", b"page", "received_at", b"received_at", "screen", b"screen", "sent_at", b"sent_at", "timestamp", b"timestamp", "track", b"track"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "body", b"body", "context", b"context", "group", b"group", "identify", b"identify", "integrations", b"integrations", "original_timestamp", b"original_timestamp", "page", b"page", "received_at", b"received_at", "screen", b"screen", "sent_at", b"sent_at", "timestamp", b"timestamp", "track", b"track"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "anonymous_id", b"anonymous_id", "body", b"body", "context", b"context", "group", b"group", "identify", b"identify", "integrations", b"integrations", "message_id", b"message_id", "page", b"page", "received_at", b"received_at", "screen", b"screen", "sent_at", b"sent_at", "timestamp", b"timestamp", "track", b"track", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "anonymous_id", b"anonymous_id", "body", b"body", "context", b"context", "group", b"group", "identify", b"identify", "integrations", b"integrations", "message_id", b"message_id", "original_timestamp", b"original_timestamp", "page", b"page", "received_at", b"received_at", "screen", b"screen", "sent_at", b"sent_at", "timestamp", b"timestamp", "track", b"track", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["track", "identify", "page", "screen", "group", "alias"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015

@@ -1,0 +1,132 @@
+"""A consumer store in one SQLite file: the consumer's tables and its offsets side by side."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+from profilemesh.shared.log.consumer import ConsumerStore
+
+T = TypeVar("T")
+
+_OFFSETS_TABLE = """
+CREATE TABLE IF NOT EXISTS consumer_offsets (
+    consumer TEXT NOT NULL,
+    stream TEXT NOT NULL,
+    partition INTEGER NOT NULL,
+    next_offset INTEGER NOT NULL,
+    PRIMARY KEY (consumer, stream, partition)
+)
+"""
+
+
+class SqliteConsumerStore(ConsumerStore[sqlite3.Connection]):
+    """A :class:`ConsumerStore` over one SQLite database file.
+
+    The consumer's own tables live in the same database as ``consumer_offsets``, so a handler
+    writes its state through the connection it is given and that state commits together with
+    the offset. WAL mode with ``synchronous=FULL``: a commit is on disk when it returns.
+
+    One connection, shared by the worker threads that call in and serialised by a lock, so
+    at most one transaction runs at a time.
+    """
+
+    concurrency = 1
+
+    def __init__(self, path: Path | str, *, busy_timeout_seconds: float = 30.0) -> None:
+        self.path = Path(path)
+        # isolation_level=None: the sqlite3 module opens no transactions of its own; every
+        # transaction here is an explicit BEGIN ... COMMIT/ROLLBACK.
+        self._connection = sqlite3.connect(
+            self.path,
+            isolation_level=None,
+            check_same_thread=False,
+            timeout=busy_timeout_seconds,
+        )
+        self._lock = threading.Lock()
+        with self._lock:
+            self._connection.execute("PRAGMA journal_mode=WAL")
+            self._connection.execute("PRAGMA synchronous=FULL")
+            self._connection.execute(_OFFSETS_TABLE)
+
+    def schema(self, sql: str) -> None:
+        """Run ``sql`` (one or more statements, e.g. ``CREATE TABLE IF NOT EXISTS``) in one
+        transaction: how a consumer creates its tables at start-up."""
+        with self._lock:
+            # executescript commits any open transaction first, so the script brings its own.
+            try:
+                self._connection.executescript(f"BEGIN IMMEDIATE;\n{sql}\n;\nCOMMIT;")
+            except BaseException:
+                if self._connection.in_transaction:
+                    self._connection.execute("ROLLBACK")
+                raise
+
+    def read(self, query: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``query`` on the connection in a read transaction (one consistent snapshot)."""
+        with self._lock:
+            self._connection.execute("BEGIN")
+            try:
+                return query(self._connection)
+            finally:
+                if self._connection.in_transaction:
+                    self._connection.execute("ROLLBACK")
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction on the connection: committed on normal exit, else rolled back.
+
+        ``BEGIN IMMEDIATE`` takes the write lock up front, so another process applying to the
+        same file waits instead of failing half-way with ``SQLITE_BUSY``.
+        """
+        connection = self._connection
+        with self._lock:
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield connection
+                connection.execute("COMMIT")
+            except BaseException:
+                # A failed COMMIT may leave the transaction open (SQLITE_BUSY): end it too.
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
+                raise
+
+    def committed(self, consumer: str, stream: str) -> dict[int, int]:
+        def query(connection: sqlite3.Connection) -> dict[int, int]:
+            rows = connection.execute(
+                "SELECT partition, next_offset FROM consumer_offsets"
+                " WHERE consumer = ? AND stream = ?",
+                (consumer, stream),
+            )
+            return {int(partition): int(offset) for partition, offset in rows}
+
+        return self.read(query)
+
+    def committed_offset(
+        self, tx: sqlite3.Connection, consumer: str, stream: str, partition: int
+    ) -> int | None:
+        row = tx.execute(
+            "SELECT next_offset FROM consumer_offsets"
+            " WHERE consumer = ? AND stream = ? AND partition = ?",
+            (consumer, stream, partition),
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def commit_offset(
+        self, tx: sqlite3.Connection, consumer: str, stream: str, partition: int, next_offset: int
+    ) -> None:
+        tx.execute(
+            "INSERT INTO consumer_offsets (consumer, stream, partition, next_offset)"
+            " VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (consumer, stream, partition)"
+            " DO UPDATE SET next_offset = excluded.next_offset",
+            (consumer, stream, partition, next_offset),
+        )
+
+    def close(self) -> None:
+        """Close the connection (waiting for a transaction in progress to finish)."""
+        with self._lock:
+            self._connection.close()

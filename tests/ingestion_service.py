@@ -1,0 +1,50 @@
+"""The ingestion service run in this process on a real socket, for integration tests."""
+
+from __future__ import annotations
+
+from profilemesh.services.runner import load_app
+from profilemesh.shared.log.embedded import EmbeddedLog
+from profilemesh.shared.log.servicer import LogServicer
+from profilemesh.shared.server import ServiceServer, create_server
+from profilemesh.shared.service_app import ServiceApp
+from profilemesh.shared.settings import Settings
+
+
+class RunningIngestion:
+    """``profilemesh serve ingestion`` in this process: start, stop, restart on one port."""
+
+    def __init__(self, settings: Settings, port: int = 0) -> None:
+        self.settings = settings
+        self.port = port
+        self.app: ServiceApp | None = None
+        self.server: ServiceServer | None = None
+
+    async def start(self) -> RunningIngestion:
+        self.app = load_app("ingestion", self.settings)
+        self.server, self.port = create_server(self.app.bindings, self.settings, port=self.port)
+        await self.app.start()
+        await self.server.start()
+        return self
+
+    @property
+    def log(self) -> EmbeddedLog:
+        """The event log the service appends to."""
+        assert self.app is not None
+        servicer = next(
+            b.servicer for b in self.app.bindings if isinstance(b.servicer, LogServicer)
+        )
+        return servicer.logs["events"]
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def stop(self) -> None:
+        assert self.server is not None and self.app is not None
+        await self.server.stop(0)
+        await self.app.close()
+        self.server = self.app = None
+
+    async def restart(self) -> None:
+        await self.stop()
+        await self.start()
