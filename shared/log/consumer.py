@@ -20,8 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from typing import ClassVar, Generic, TypeVar
 
+from opentelemetry import trace
+
 from profilemesh.shared.errors import Unavailable
 from profilemesh.shared.log.api import LogReader, OffsetOutOfRange, RecordBatch
+from profilemesh.shared.telemetry import linked_context
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,9 @@ Handler = Callable[[Tx, RecordBatch], None]
 # Errors after which subscribing again may succeed: the remote client raises Unavailable, a
 # socket ConnectionError (an OSError). Anything else is a bug or a decision to stop.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (Unavailable, OSError)
+
+
+_tracer = trace.get_tracer(__name__)
 
 
 class ConsumerStore(ABC, Generic[Tx]):
@@ -125,8 +131,10 @@ class LogConsumer(Generic[Tx]):
         max_records: int = 5000,
         initial_backoff_seconds: float = 0.05,
         max_backoff_seconds: float = 5.0,
+        on_applied: Callable[[RecordBatch], None] | None = None,
     ) -> None:
         self.name = name
+        self.on_applied = on_applied
         self.source = source
         self.store = store
         self.handler = handler
@@ -260,6 +268,26 @@ class LogConsumer(Generic[Tx]):
             await asyncio.sleep(delay)
 
     async def _apply(self, batch: RecordBatch) -> None:
+        # One span per batch, linked to the span that produced it (its trace context travels
+        # in the batch headers), so a trace can be followed from service to service.
+        producer = trace.get_current_span(linked_context(batch.headers)).get_span_context()
+        links = [trace.Link(producer)] if producer.is_valid else []
+        with _tracer.start_as_current_span(
+            f"consume {self.source.stream}",
+            kind=trace.SpanKind.CONSUMER,
+            links=links,
+            attributes={
+                "messaging.destination.name": self.source.stream,
+                "messaging.destination.partition.id": str(batch.partition),
+                "messaging.batch.message_count": len(batch),
+                "messaging.consumer.group.name": self.name,
+            },
+        ):
+            await self._apply_in_store(batch)
+        if self.on_applied is not None:
+            self.on_applied(batch)
+
+    async def _apply_in_store(self, batch: RecordBatch) -> None:
         future = self._in_store(
             self.store.apply, self.name, self.source.stream, batch, self.handler
         )
