@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from profilemesh.services.import_command import add_import_parser, run_import
 from profilemesh.shared.settings import SERVICE_NAMES, Settings
 
 
@@ -37,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--timeout", type=float, default=1.0, help="seconds per health check")
 
     commands.add_parser("plugins", help="list installed plugins and what they register")
+    add_import_parser(commands)
     return parser
 
 
@@ -63,6 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_status(settings, args.timeout))
     if args.command == "plugins":
         return _plugins(settings)
+    if args.command == "import":
+        return run_import(args, settings)
+
     raise AssertionError(f"unhandled command {args.command}")
 
 

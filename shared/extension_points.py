@@ -87,6 +87,11 @@ class SourceBatch:
     kind: BatchKind
     items: Sequence[JSONObject]
     checkpoint: Checkpoint
+    problems: Sequence[tuple[str, str]] = ()
+    """Rows of this batch the connector read but could not turn into items, as
+    ``(location, description)`` pairs (``("line 17", "not JSON: ...")``). Ingestion counts them
+    as read and rejected and reports them with the run; the checkpoint moves past them, so a
+    bad row never stops an import."""
 
 
 class SourceConnector(abc.ABC):

@@ -320,8 +320,8 @@ def test_looking_up_an_unknown_connector_names_the_installed_ones() -> None:
     plugins = create_plugin_manager()
 
     assert plugins.source_connector("inline") is InlineSource
-    with pytest.raises(NotFound, match="installed: inline"):
-        plugins.source_connector("postgres")
+    with pytest.raises(NotFound, match="installed: csv, inline, jsonl, parquet, postgres"):
+        plugins.source_connector("salesforce")
 
 
 # --- built-in plugins ---------------------------------------------------------------------

@@ -6,6 +6,7 @@ from profilemesh.ingestion.v1 import ingestion_service_pb2, ingestion_service_pb
 from profilemesh.services.ingestion.domain import Ingestion
 from profilemesh.services.ingestion.servicer import REQUEST_VIEWS, IngestionServicer
 from profilemesh.shared.log.hosting import host_log
+from profilemesh.shared.plugin_manager import create_plugin_manager
 from profilemesh.shared.server import bind
 from profilemesh.shared.service_app import ServiceApp
 from profilemesh.shared.settings import Settings
@@ -13,7 +14,8 @@ from profilemesh.shared.settings import Settings
 
 def build_app(settings: Settings) -> ServiceApp:
     """The ingestion service with its data under ``<data_dir>/ingestion``."""
-    domain = Ingestion(settings.service_data_dir("ingestion"), settings.ingestion)
+    plugins = create_plugin_manager(disabled=settings.disabled_plugins)
+    domain = Ingestion(settings.service_data_dir("ingestion"), settings.ingestion, plugins)
     servicer = IngestionServicer(domain)
     app = ServiceApp(
         name="ingestion",

@@ -12,9 +12,11 @@ import logging
 from pathlib import Path
 
 from profilemesh.services.ingestion.intake import Intake
+from profilemesh.services.ingestion.source_runs import SourceRuns
 from profilemesh.services.ingestion.tracking_plans import TrackingPlans
 from profilemesh.shared.errors import Unavailable
 from profilemesh.shared.log.embedded import EmbeddedLog
+from profilemesh.shared.plugin_manager import PluginSet
 from profilemesh.shared.settings import IngestionSettings
 
 log = logging.getLogger(__name__)
@@ -23,11 +25,13 @@ log = logging.getLogger(__name__)
 class Ingestion:
     """The ingestion service's domain state, kept under ``data_dir``."""
 
-    def __init__(self, data_dir: Path, settings: IngestionSettings) -> None:
+    def __init__(self, data_dir: Path, settings: IngestionSettings, plugins: PluginSet) -> None:
         self.data_dir = data_dir
         self.settings = settings
+        self.plugins = plugins
         self.plans = TrackingPlans(data_dir / "tracking_plans.json")
         self._intake: Intake | None = None
+        self._source_runs: SourceRuns | None = None
         self._snapshots: asyncio.Task[None] | None = None
 
     @property
@@ -37,17 +41,32 @@ class Ingestion:
             raise Unavailable("ingestion is starting or stopping")
         return self._intake
 
+    @property
+    def source_runs(self) -> SourceRuns:
+        """Connector runs; only while the service is running."""
+        if self._source_runs is None:
+            raise Unavailable("ingestion is starting or stopping")
+        return self._source_runs
+
     async def open(self, event_log: EmbeddedLog) -> None:
-        """Load the plans file, recover deduplication from the log, start snapshots."""
+        """Load the plans file, recover deduplication from the log, start snapshots and
+        connector runs."""
         if self.settings.tracking_plans_file is not None:
             self.plans.load_yaml(self.settings.tracking_plans_file)
         intake = Intake(event_log, self.settings, self.plans, self.data_dir / "dedup.snapshot")
         await intake.recover()
         self._intake = intake
         self._snapshots = asyncio.create_task(self._snapshot_periodically(intake))
+        source_runs = SourceRuns(self.data_dir / "source_runs.sqlite", self.plugins, intake)
+        await source_runs.open()
+        self._source_runs = source_runs
 
     async def close(self) -> None:
-        """Stop snapshots and save a last one (so the next start replays little)."""
+        """Stop connector runs (resumable) and snapshots; save a last snapshot (so the next
+        start replays little)."""
+        if self._source_runs is not None:
+            await self._source_runs.close()
+            self._source_runs = None
         if self._snapshots is not None:
             self._snapshots.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -22,6 +22,8 @@ from profilemesh.ingestion.v1 import (
 )
 from profilemesh.services.ingestion.domain import Ingestion
 from profilemesh.services.ingestion.intake import EventsOutcome, RecordsOutcome
+from profilemesh.services.ingestion.source_runs import SourceRuns
+from profilemesh.services.ingestion.source_runs_servicer import SourceRunsServicer
 from profilemesh.shared.errors import FieldViolation, InvalidArgument
 from profilemesh.shared.settings import IngestionSettings
 
@@ -84,13 +86,19 @@ def _check_batch(
         )
 
 
-class IngestionServicer(ingestion_service_pb2_grpc.IngestionServiceServicer):
-    """Serves ``profilemesh.ingestion.v1.IngestionService`` over :class:`Intake`."""
+class IngestionServicer(SourceRunsServicer, ingestion_service_pb2_grpc.IngestionServiceServicer):
+    """Serves ``profilemesh.ingestion.v1.IngestionService`` over the ingestion domain."""
 
     def __init__(self, domain: Ingestion) -> None:
         self.domain = domain
         self.plans = domain.plans
         self.limits = domain.settings
+        self.plugins = domain.plugins
+
+    @property
+    def source_runs(self) -> SourceRuns:
+        """The domain's connector runs (the mixin's RPCs use them)."""
+        return self.domain.source_runs
 
     async def SendEvent(
         self, request: event_views_pb2.EncodedEvent, context: Any

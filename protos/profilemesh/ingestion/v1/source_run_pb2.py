@@ -24,16 +24,17 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from profilemesh.common.v1 import errors_pb2 as profilemesh_dot_common_dot_v1_dot_errors__pb2
 from profilemesh.common.v1 import job_pb2 as profilemesh_dot_common_dot_v1_dot_job__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)profilemesh/ingestion/v1/source_run.proto\x12\x18profilemesh.ingestion.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1fprofilemesh/common/v1/job.proto\"\xae\x03\n\tSourceRun\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tconnector\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x14\n\x0c\x66ull_refresh\x18\x04 \x01(\x08\x12.\n\x05state\x18\x05 \x01(\x0e\x32\x1f.profilemesh.common.v1.JobState\x12\x12\n\nitems_read\x18\x06 \x01(\x04\x12\x16\n\x0eitems_accepted\x18\x07 \x01(\x04\x12\x17\n\x0fitems_duplicate\x18\x08 \x01(\x04\x12\x16\n\x0eitems_rejected\x18\t \x01(\x04\x12+\n\ncheckpoint\x18\n \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05\x65rror\x18\x0b \x01(\t\x12.\n\ncreated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestampb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)profilemesh/ingestion/v1/source_run.proto\x12\x18profilemesh.ingestion.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\"profilemesh/common/v1/errors.proto\x1a\x1fprofilemesh/common/v1/job.proto\"\xe9\x03\n\tSourceRun\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tconnector\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x14\n\x0c\x66ull_refresh\x18\x04 \x01(\x08\x12.\n\x05state\x18\x05 \x01(\x0e\x32\x1f.profilemesh.common.v1.JobState\x12\x12\n\nitems_read\x18\x06 \x01(\x04\x12\x16\n\x0eitems_accepted\x18\x07 \x01(\x04\x12\x17\n\x0fitems_duplicate\x18\x08 \x01(\x04\x12\x16\n\x0eitems_rejected\x18\t \x01(\x04\x12+\n\ncheckpoint\x18\n \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05\x65rror\x18\x0b \x01(\t\x12.\n\ncreated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x39\n\nrejections\x18\x0f \x03(\x0b\x32%.profilemesh.common.v1.FieldViolationb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'profilemesh.ingestion.v1.source_run_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SOURCERUN']._serialized_start=168
-  _globals['_SOURCERUN']._serialized_end=598
+  _globals['_SOURCERUN']._serialized_start=204
+  _globals['_SOURCERUN']._serialized_end=693
 # @@protoc_insertion_point(module_scope)

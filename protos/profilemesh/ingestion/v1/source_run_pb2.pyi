@@ -3,10 +3,13 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from profilemesh.common.v1 import errors_pb2 as _errors_pb2
 from profilemesh.common.v1 import job_pb2 as _job_pb2
 import builtins as _builtins
 import sys
@@ -41,6 +44,7 @@ class SourceRun(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     STARTED_AT_FIELD_NUMBER: _builtins.int
     FINISHED_AT_FIELD_NUMBER: _builtins.int
+    REJECTIONS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Id of the run, assigned by ingestion."""
     connector: _builtins.str
@@ -82,6 +86,12 @@ class SourceRun(_message.Message):
     def finished_at(self) -> _timestamp_pb2.Timestamp:
         """When the run reached a final state; unset until then."""
 
+    @_builtins.property
+    def rejections(self) -> _containers.RepeatedCompositeFieldContainer[_errors_pb2.FieldViolation]:
+        """The first rejected items (up to 20) and why: `field` locates the item in the source
+        (e.g. `line 42` or `rows[17].email`), `description` says what was wrong.
+        """
+
     def __init__(
         self,
         *,
@@ -99,10 +109,11 @@ class SourceRun(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         started_at: _timestamp_pb2.Timestamp | None = ...,
         finished_at: _timestamp_pb2.Timestamp | None = ...,
+        rejections: _abc.Iterable[_errors_pb2.FieldViolation] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "created_at", b"created_at", "finished_at", b"finished_at", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "connector", b"connector", "created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "full_refresh", b"full_refresh", "items_accepted", b"items_accepted", "items_duplicate", b"items_duplicate", "items_read", b"items_read", "items_rejected", b"items_rejected", "run_id", b"run_id", "source", b"source", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "connector", b"connector", "created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "full_refresh", b"full_refresh", "items_accepted", b"items_accepted", "items_duplicate", b"items_duplicate", "items_read", b"items_read", "items_rejected", b"items_rejected", "rejections", b"rejections", "run_id", b"run_id", "source", b"source", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
