@@ -10,12 +10,34 @@ from __future__ import annotations
 
 def varint(value: int) -> bytes:
     """Protobuf's base-128 encoding of a non-negative integer."""
-    out = bytearray()
+    if value < 0x80:
+        return _SMALL[value] if value >= 0 else _negative(value)
+    if value < 0x4000:
+        return bytes(((value & 0x7F) | 0x80, value >> 7))
+    if value < 0x10000000:  # up to 4 bytes, unrolled: the common size of times and lengths
+        if value < 0x200000:
+            return bytes(((value & 0x7F) | 0x80, ((value >> 7) & 0x7F) | 0x80, value >> 14))
+        return bytes(
+            (
+                (value & 0x7F) | 0x80,
+                ((value >> 7) & 0x7F) | 0x80,
+                ((value >> 14) & 0x7F) | 0x80,
+                value >> 21,
+            )
+        )
+    out = []
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+_SMALL = [bytes((i,)) for i in range(0x80)]
+
+
+def _negative(value: int) -> bytes:
+    raise ValueError(f"a varint cannot hold {value}")
 
 
 def length_delimited(field: int, data: bytes) -> bytes:
@@ -39,4 +61,7 @@ def timestamp_field(field: int, nanoseconds: int) -> bytes:
     body = (b"\x08" + varint(seconds) if seconds else b"") + (
         b"\x10" + varint(nanos) if nanos else b""
     )
-    return length_delimited(field, body)
+    return _TAGS[field] + _SMALL[len(body)] + body  # a Timestamp body is under 128 bytes
+
+
+_TAGS = {field: varint(field << 3 | 2) for field in range(1, 16)}

@@ -1,10 +1,11 @@
 """The hot path of ingestion: each event checked and turned into its log payload.
 
-Events are read through ``EventView`` (a wire-compatible partial decoding that leaves
-properties, traits and context as bytes), so an accepted event is stored as the client's own
-bytes plus a few appended fields (protobuf's last-occurrence-wins sets them): the generated
-message id, ``received_at``, and the clock-skew corrected ``timestamp`` with the original kept
-in ``original_timestamp``. Nothing is decoded or re-encoded that validation does not need.
+Each event arrives as its serialized bytes (the request is decoded through a wire-compatible
+view that leaves events encoded). It is parsed in full, so that nothing malformed (invalid
+UTF-8, broken nesting) ever reaches the log, but it is stored as the client's own bytes plus a
+few appended fields (protobuf's last-occurrence-wins sets them): the generated message id,
+``received_at``, and the clock-skew corrected ``timestamp`` with the original kept in
+``original_timestamp``. Nothing is re-encoded.
 """
 
 from __future__ import annotations
@@ -15,17 +16,19 @@ from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
 
-from profilemesh.ingestion.v1 import event_views_pb2
+from profilemesh.ingestion.v1 import event_pb2
 from profilemesh.services.ingestion.tracking_plans import TrackingPlans
 from profilemesh.shared.errors import FieldViolation
 from profilemesh.shared.settings import IngestionSettings
-from profilemesh.shared.wire import length_delimited, string_field, timestamp_field
+from profilemesh.shared.wire import length_delimited, string_field, timestamp_field, varint
 
 MAX_ID_LENGTH = 256
 # Timestamps outside these bounds (1970..2200) are mistakes, not events.
 MIN_SECONDS, MAX_SECONDS = 0, 7_258_118_400
+MIN_NS, MAX_NS = MIN_SECONDS * 10**9, MAX_SECONDS * 10**9
+SKEW_PROBLEM = "timestamp corrected by sent_at falls outside 1970-2200: check the client's clock"
 
-_EventView = event_views_pb2.EventView
+_Event = event_pb2.Event
 
 
 @dataclass(slots=True)
@@ -93,7 +96,7 @@ class EventChecker:
                 )
                 continue
             try:
-                view = _EventView.FromString(raw)
+                view = _Event.FromString(raw)
             except DecodeError:
                 rejected.append(
                     RejectedEvent(index, "", [FieldViolation(where, "not a valid Event")])
@@ -114,19 +117,36 @@ class EventChecker:
                 rejected.append(RejectedEvent(index, view.message_id, problems))
                 continue
             message_id = view.message_id
-            extra = received
+            parts = [raw, received]
             if not message_id:
                 message_id = str(uuid.uuid4())
-                extra += string_field(1, message_id)
+                parts.append(string_field(1, message_id))
             if view.HasField("timestamp"):
                 sent = _timestamp_ns(view.timestamp)
                 corrected = sent
                 if view.HasField("sent_at"):
                     corrected = received_at_ns - (_timestamp_ns(view.sent_at) - sent)
-                extra += timestamp_field(9, sent) + timestamp_field(4, corrected)
+                    if not MIN_NS <= corrected <= MAX_NS:
+                        rejected.append(
+                            RejectedEvent(
+                                index,
+                                message_id,
+                                [FieldViolation(f"{where}.sent_at", SKEW_PROBLEM)],
+                            )
+                        )
+                        continue
+                # The original is copied as the client encoded it; only the corrected time
+                # needs encoding.
+                original = view.timestamp.SerializeToString()
+                parts.append(b"\x4a" + varint(len(original)) + original)
+                if corrected == sent:
+                    parts.append(b"\x22" + varint(len(original)) + original)
+                else:
+                    parts.append(timestamp_field(4, corrected))
             else:
-                extra += timestamp_field(4, received_at_ns)
-            payload = length_delimited(1, raw + extra) + item_tail
+                parts.append(timestamp_field(4, received_at_ns))
+            event_bytes = b"".join(parts)
+            payload = b"".join((b"\x0a", varint(len(event_bytes)), event_bytes, item_tail))
             for violation in flagged:
                 payload += length_delimited(
                     6, string_field(1, violation.field) + string_field(2, violation.description)
@@ -139,8 +159,29 @@ class EventChecker:
         return accepted, rejected
 
 
-def _structural_problems(view: event_views_pb2.EventView, where: str) -> list[FieldViolation]:
+def _plainly_valid(view: event_pb2.Event) -> bool:
+    """The common case in one expression: a track, identify or page event with an id, short
+    ids and sane times. Anything else goes through the detailed checks."""
+    body = view.WhichOneof("body")
+    user_id = view.user_id
+    timestamp, sent_at = view.timestamp, view.sent_at
+    return (
+        ((body == "track" and bool(view.track.event)) or body in ("identify", "page", "screen"))
+        and bool(user_id or view.anonymous_id)
+        and len(user_id) <= MAX_ID_LENGTH
+        and len(view.anonymous_id) <= MAX_ID_LENGTH
+        and len(view.message_id) <= MAX_ID_LENGTH
+        and MIN_SECONDS <= timestamp.seconds <= MAX_SECONDS
+        and MIN_SECONDS <= sent_at.seconds <= MAX_SECONDS
+        and 0 <= timestamp.nanos < 1_000_000_000
+        and 0 <= sent_at.nanos < 1_000_000_000
+    )
+
+
+def _structural_problems(view: event_pb2.Event, where: str) -> list[FieldViolation]:
     """What makes an event invalid whatever the tracking plan says (Segment's rules)."""
+    if _plainly_valid(view):
+        return []
     problems = []
     if not view.user_id and not view.anonymous_id:
         problems.append(FieldViolation(f"{where}.user_id", "user_id or anonymous_id is required"))
@@ -161,7 +202,7 @@ def _structural_problems(view: event_views_pb2.EventView, where: str) -> list[Fi
                 "one of track, identify, page, screen, group or alias is required",
             )
         )
-    elif body == "track" and not view.track.name:
+    elif body == "track" and not view.track.event:
         problems.append(FieldViolation(f"{where}.track.event", "the event name is required"))
     elif body == "group" and not view.group.group_id:
         problems.append(FieldViolation(f"{where}.group.group_id", "group_id is required"))

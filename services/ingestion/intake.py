@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from profilemesh.ingestion.v1 import event_log_pb2, record_pb2
-from profilemesh.services.ingestion.dedup import Deduplicator
+from profilemesh.services.ingestion.dedup import Deduplicator, fingerprint
 from profilemesh.services.ingestion.event_checks import CheckedEvent, EventChecker, RejectedEvent
 from profilemesh.services.ingestion.records import (
     CheckedRecord,
@@ -85,8 +85,12 @@ class Intake:
             indexed=indexed,
         )
         outcome = EventsOutcome(rejected=rejected)
-        if validate_only or not accepted:
-            outcome.accepted = accepted
+        if validate_only:
+            for event in accepted:
+                seen = self.dedup.seen(fingerprint(event.message_id))
+                (outcome.duplicates if seen else outcome.accepted).append(event)
+            return outcome
+        if not accepted:
             return outcome
         fresh, claimed = self.dedup.claim([event.message_id for event in accepted])
         for event, new in zip(accepted, fresh, strict=True):
@@ -112,8 +116,12 @@ class Intake:
             records, time.time_ns(), self.settings.max_event_bytes, path
         )
         outcome = RecordsOutcome(rejected=rejected)
-        if validate_only or not accepted:
-            outcome.accepted = accepted
+        if validate_only:
+            for record in accepted:
+                seen = self.dedup.seen(fingerprint(record.dedup_id))
+                (outcome.duplicates if seen else outcome.accepted).append(record)
+            return outcome
+        if not accepted:
             return outcome
         fresh, claimed = self.dedup.claim([record.dedup_id for record in accepted])
         for record, new in zip(accepted, fresh, strict=True):

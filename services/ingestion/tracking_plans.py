@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from google.protobuf import json_format, struct_pb2
-from google.protobuf.message import DecodeError
+from google.protobuf import json_format
 
 from profilemesh.common.v1 import event_type_pb2
-from profilemesh.ingestion.v1 import event_views_pb2, tracking_plan_pb2
+from profilemesh.ingestion.v1 import event_pb2, tracking_plan_pb2
 from profilemesh.shared.errors import AlreadyExists, FieldViolation, InvalidArgument, NotFound
 
 TrackingPlan = tracking_plan_pb2.TrackingPlan
@@ -31,7 +30,7 @@ Policy = tracking_plan_pb2.ViolationPolicy
 PropertyType = tracking_plan_pb2.PropertyType
 
 _BODY_PARTS = {  # event body -> (the field holding its properties, their name in paths)
-    "track": ("track_properties", "track.properties"),
+    "track": ("properties", "track.properties"),
     "page": ("properties", "page.properties"),
     "screen": ("properties", "screen.properties"),
     "identify": ("traits", "identify.traits"),
@@ -109,13 +108,13 @@ class CompiledPlan:
             self.rules[(body.lower(), rule.event_name)] = _CompiledRule(rule, patterns)
 
     def check(
-        self, view: event_views_pb2.EventView, body: str, where: str
+        self, view: event_pb2.Event, body: str, where: str
     ) -> tuple[list[FieldViolation], bool]:
         """The event's violations of this plan, and whether they reject it."""
         if self.policy == Policy.VIOLATION_POLICY_ALLOW:
             return [], False
         detail = getattr(view, body)
-        name = getattr(detail, "name", "")
+        name = detail.event if body == "track" else getattr(detail, "name", "")
         compiled = self.rules.get((body, name)) or self.rules.get((body, ""))
         if compiled is None:
             if body == "track" and self.plan.reject_unplanned_events:
@@ -127,11 +126,7 @@ class CompiledPlan:
         part, path = _BODY_PARTS.get(body, ("", ""))
         properties: dict[str, Any] = {}
         if part:
-            try:
-                struct = struct_pb2.Struct.FromString(getattr(detail, part))
-            except DecodeError:
-                return [FieldViolation(f"{where}.{path}", "not a valid object")], True
-            properties = json_format.MessageToDict(struct)
+            properties = json_format.MessageToDict(getattr(detail, part))
         violations = self._property_problems(compiled, properties, f"{where}.{path}")
         return violations, bool(violations) and self.policy == Policy.VIOLATION_POLICY_REJECT
 

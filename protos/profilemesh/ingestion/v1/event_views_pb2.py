@@ -22,28 +22,17 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*profilemesh/ingestion/v1/event_views.proto\x12\x18profilemesh.ingestion.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"F\n\rEncodedEvents\x12\x0e\n\x06\x65vents\x18\x01 \x03(\x0c\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"D\n\x0c\x45ncodedEvent\x12\r\n\x05\x65vent\x18\x01 \x01(\x0c\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"\xb1\x04\n\tEventView\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x14\n\x0c\x61nonymous_id\x18\x03 \x01(\t\x12-\n\ttimestamp\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07sent_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x63ontext\x18\x07 \x01(\x0c\x12\x14\n\x0cintegrations\x18\x08 \x01(\x0c\x12\x38\n\x05track\x18\n \x01(\x0b\x32\'.profilemesh.ingestion.v1.NamedBodyViewH\x00\x12<\n\x08identify\x18\x0b \x01(\x0b\x32(.profilemesh.ingestion.v1.TraitsBodyViewH\x00\x12\x37\n\x04page\x18\x0c \x01(\x0b\x32\'.profilemesh.ingestion.v1.NamedBodyViewH\x00\x12\x39\n\x06screen\x18\r \x01(\x0b\x32\'.profilemesh.ingestion.v1.NamedBodyViewH\x00\x12\x38\n\x05group\x18\x0e \x01(\x0b\x32\'.profilemesh.ingestion.v1.GroupBodyViewH\x00\x12\x38\n\x05\x61lias\x18\x0f \x01(\x0b\x32\'.profilemesh.ingestion.v1.AliasBodyViewH\x00\x42\x06\n\x04\x62ody\"K\n\rNamedBodyView\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x18\n\x10track_properties\x18\x02 \x01(\x0c\x12\x12\n\nproperties\x18\x03 \x01(\x0c\" \n\x0eTraitsBodyView\x12\x0e\n\x06traits\x18\x01 \x01(\x0c\"1\n\rGroupBodyView\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x0e\n\x06traits\x18\x02 \x01(\x0c\"$\n\rAliasBodyView\x12\x13\n\x0bprevious_id\x18\x01 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*profilemesh/ingestion/v1/event_views.proto\x12\x18profilemesh.ingestion.v1\"F\n\rEncodedEvents\x12\x0e\n\x06\x65vents\x18\x01 \x03(\x0c\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"D\n\x0c\x45ncodedEvent\x12\r\n\x05\x65vent\x18\x01 \x01(\x0c\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'profilemesh.ingestion.v1.event_views_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENCODEDEVENTS']._serialized_start=105
-  _globals['_ENCODEDEVENTS']._serialized_end=175
-  _globals['_ENCODEDEVENT']._serialized_start=177
-  _globals['_ENCODEDEVENT']._serialized_end=245
-  _globals['_EVENTVIEW']._serialized_start=248
-  _globals['_EVENTVIEW']._serialized_end=809
-  _globals['_NAMEDBODYVIEW']._serialized_start=811
-  _globals['_NAMEDBODYVIEW']._serialized_end=886
-  _globals['_TRAITSBODYVIEW']._serialized_start=888
-  _globals['_TRAITSBODYVIEW']._serialized_end=920
-  _globals['_GROUPBODYVIEW']._serialized_start=922
-  _globals['_GROUPBODYVIEW']._serialized_end=971
-  _globals['_ALIASBODYVIEW']._serialized_start=973
-  _globals['_ALIASBODYVIEW']._serialized_end=1009
+  _globals['_ENCODEDEVENTS']._serialized_start=72
+  _globals['_ENCODEDEVENTS']._serialized_end=142
+  _globals['_ENCODEDEVENT']._serialized_start=144
+  _globals['_ENCODEDEVENT']._serialized_end=212
 # @@protoc_insertion_point(module_scope)

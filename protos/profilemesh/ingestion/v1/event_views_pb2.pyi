@@ -6,7 +6,6 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
@@ -21,11 +20,10 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class EncodedEvents(_message.Message):
-    """Wire-compatible partial views of ingestion's messages, used by the service to validate events
-    without decoding their free-form parts. Each view parses the same bytes as the message it
-    mirrors, keeping the parts it does not inspect (properties, traits, context) as raw bytes,
-    so that an accepted event is stored exactly as the client sent it. Clients use the real
-    messages (SendEventsRequest, Event); these views are not part of any RPC's contract.
+    """Wire-compatible views of ingestion's requests, used by the service to receive each event as
+    its serialized bytes: each view parses the same bytes as the message it mirrors, so that an
+    accepted event is stored exactly as the client sent it, without re-encoding. Clients use the
+    real messages (SendEventsRequest, Event); these views are not part of any RPC's contract.
 
     The view of SendEventsRequest and StreamEventsRequest: each event left encoded.
     """
@@ -87,193 +85,3 @@ class EncodedEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EncodedEvent: _TypeAlias = EncodedEvent  # noqa: Y015
-
-@_typing.final
-class EventView(_message.Message):
-    """The view of Event: ids, times and the body's name; free-form parts stay encoded."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    MESSAGE_ID_FIELD_NUMBER: _builtins.int
-    USER_ID_FIELD_NUMBER: _builtins.int
-    ANONYMOUS_ID_FIELD_NUMBER: _builtins.int
-    TIMESTAMP_FIELD_NUMBER: _builtins.int
-    SENT_AT_FIELD_NUMBER: _builtins.int
-    CONTEXT_FIELD_NUMBER: _builtins.int
-    INTEGRATIONS_FIELD_NUMBER: _builtins.int
-    TRACK_FIELD_NUMBER: _builtins.int
-    IDENTIFY_FIELD_NUMBER: _builtins.int
-    PAGE_FIELD_NUMBER: _builtins.int
-    SCREEN_FIELD_NUMBER: _builtins.int
-    GROUP_FIELD_NUMBER: _builtins.int
-    ALIAS_FIELD_NUMBER: _builtins.int
-    message_id: _builtins.str
-    """As Event.message_id."""
-    user_id: _builtins.str
-    """As Event.user_id."""
-    anonymous_id: _builtins.str
-    """As Event.anonymous_id."""
-    context: _builtins.bytes
-    """As Event.context, encoded."""
-    integrations: _builtins.bytes
-    """As Event.integrations, encoded."""
-    @_builtins.property
-    def timestamp(self) -> _timestamp_pb2.Timestamp:
-        """As Event.timestamp."""
-
-    @_builtins.property
-    def sent_at(self) -> _timestamp_pb2.Timestamp:
-        """As Event.sent_at."""
-
-    @_builtins.property
-    def track(self) -> Global___NamedBodyView:
-        """As Event.track."""
-
-    @_builtins.property
-    def identify(self) -> Global___TraitsBodyView:
-        """As Event.identify."""
-
-    @_builtins.property
-    def page(self) -> Global___NamedBodyView:
-        """As Event.page."""
-
-    @_builtins.property
-    def screen(self) -> Global___NamedBodyView:
-        """As Event.screen."""
-
-    @_builtins.property
-    def group(self) -> Global___GroupBodyView:
-        """As Event.group."""
-
-    @_builtins.property
-    def alias(self) -> Global___AliasBodyView:
-        """As Event.alias."""
-
-    def __init__(
-        self,
-        *,
-        message_id: _builtins.str = ...,
-        user_id: _builtins.str = ...,
-        anonymous_id: _builtins.str = ...,
-        timestamp: _timestamp_pb2.Timestamp | None = ...,
-        sent_at: _timestamp_pb2.Timestamp | None = ...,
-        context: _builtins.bytes = ...,
-        integrations: _builtins.bytes = ...,
-        track: Global___NamedBodyView | None = ...,
-        identify: Global___TraitsBodyView | None = ...,
-        page: Global___NamedBodyView | None = ...,
-        screen: Global___NamedBodyView | None = ...,
-        group: Global___GroupBodyView | None = ...,
-        alias: Global___AliasBodyView | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "body", b"body", "group", b"group", "identify", b"identify", "page", b"page", "screen", b"screen", "sent_at", b"sent_at", "timestamp", b"timestamp", "track", b"track"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "anonymous_id", b"anonymous_id", "body", b"body", "context", b"context", "group", b"group", "identify", b"identify", "integrations", b"integrations", "message_id", b"message_id", "page", b"page", "screen", b"screen", "sent_at", b"sent_at", "timestamp", b"timestamp", "track", b"track", "user_id", b"user_id"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["track", "identify", "page", "screen", "group", "alias"]  # noqa: Y015
-    _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
-
-Global___EventView: _TypeAlias = EventView  # noqa: Y015
-
-@_typing.final
-class NamedBodyView(_message.Message):
-    """The view of TrackEvent (field 1 `event`, field 2 `properties`) and of PageEvent and
-    ScreenEvent (field 1 `name`, field 3 `properties`).
-    """
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    NAME_FIELD_NUMBER: _builtins.int
-    TRACK_PROPERTIES_FIELD_NUMBER: _builtins.int
-    PROPERTIES_FIELD_NUMBER: _builtins.int
-    name: _builtins.str
-    """The track event's name, or the page's or screen's name."""
-    track_properties: _builtins.bytes
-    """TrackEvent.properties, encoded (a google.protobuf.Struct)."""
-    properties: _builtins.bytes
-    """PageEvent.properties or ScreenEvent.properties, encoded (a google.protobuf.Struct)."""
-    def __init__(
-        self,
-        *,
-        name: _builtins.str = ...,
-        track_properties: _builtins.bytes = ...,
-        properties: _builtins.bytes = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "properties", b"properties", "track_properties", b"track_properties"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___NamedBodyView: _TypeAlias = NamedBodyView  # noqa: Y015
-
-@_typing.final
-class TraitsBodyView(_message.Message):
-    """The view of IdentifyEvent."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    TRAITS_FIELD_NUMBER: _builtins.int
-    traits: _builtins.bytes
-    """IdentifyEvent.traits, encoded (a google.protobuf.Struct)."""
-    def __init__(
-        self,
-        *,
-        traits: _builtins.bytes = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["traits", b"traits"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___TraitsBodyView: _TypeAlias = TraitsBodyView  # noqa: Y015
-
-@_typing.final
-class GroupBodyView(_message.Message):
-    """The view of GroupEvent."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    GROUP_ID_FIELD_NUMBER: _builtins.int
-    TRAITS_FIELD_NUMBER: _builtins.int
-    group_id: _builtins.str
-    """As GroupEvent.group_id."""
-    traits: _builtins.bytes
-    """GroupEvent.traits, encoded (a google.protobuf.Struct)."""
-    def __init__(
-        self,
-        *,
-        group_id: _builtins.str = ...,
-        traits: _builtins.bytes = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["group_id", b"group_id", "traits", b"traits"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___GroupBodyView: _TypeAlias = GroupBodyView  # noqa: Y015
-
-@_typing.final
-class AliasBodyView(_message.Message):
-    """The view of AliasEvent."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    PREVIOUS_ID_FIELD_NUMBER: _builtins.int
-    previous_id: _builtins.str
-    """As AliasEvent.previous_id."""
-    def __init__(
-        self,
-        *,
-        previous_id: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["previous_id", b"previous_id"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___AliasBodyView: _TypeAlias = AliasBodyView  # noqa: Y015
