@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,12 +17,22 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from profilemesh.shared.settings import SERVICE_NAMES, Endpoint, Endpoints, Settings
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A TCP port nobody listens on right now, for a server a test starts later.
+
+    Chosen below Linux's ephemeral range (32768+), where the kernel picks ports for outgoing
+    connections and for ``bind(0)``: a port from there could be taken again before the server
+    binds it. Never the same port twice in one test run.
+    """
+    rng = random.Random()
+    while True:
+        port = rng.randrange(20000, 32000)
+        if port not in _handed_out and port_is_free(port):
+            _handed_out.add(port)
+            return port
 
 
 def port_is_free(port: int) -> bool:
