@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from profilemesh.services.import_command import add_import_parser, run_import
+from profilemesh.services.records_command import add_records_parser, run_records
 from profilemesh.shared.settings import SERVICE_NAMES, Settings
 
 
@@ -39,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
 
     commands.add_parser("plugins", help="list installed plugins and what they register")
     add_import_parser(commands)
+    add_records_parser(commands)
     return parser
 
 
@@ -67,6 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _plugins(settings)
     if args.command == "import":
         return run_import(args, settings)
+    if args.command == "records":
+        return run_records(args)
 
     raise AssertionError(f"unhandled command {args.command}")
 

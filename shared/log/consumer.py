@@ -166,15 +166,16 @@ class LogConsumer(Generic[Tx]):
             self._runner.cancel()
 
     async def lag(self) -> dict[int, int]:
-        """Partition -> how many retained records are not applied yet, per owned partition."""
+        """Partition -> how many retained records are not applied yet, per owned partition.
+
+        Positions come from the store (what is committed is what is applied), so the answer
+        never lags behind a transaction that has just committed.
+        """
         ranges = await self.source.offsets()
-        positions = dict(self._next)
-        if any(r.partition not in positions for r in ranges):
-            committed = await asyncio.to_thread(self.store.committed, self.name, self.source.stream)
-            positions = {**committed, **positions}
+        committed = await asyncio.to_thread(self.store.committed, self.name, self.source.stream)
         owned = self._owned if self._owned is not None else [r.partition for r in ranges]
         return {
-            p: max(0, ranges[p].next - positions.get(p, ranges[p].first))
+            p: max(0, ranges[p].next - committed.get(p, ranges[p].first))
             for p in owned
             if p < len(ranges)
         }

@@ -24,37 +24,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&profilemesh/identity/v1/matching.proto\x12\x17profilemesh.identity.v1\"\xfe\x01\n\x10MatchingSettings\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12=\n\x0e\x62locking_rules\x18\x02 \x03(\x0b\x32%.profilemesh.identity.v1.BlockingRule\x12\x38\n\x0b\x63omparisons\x18\x03 \x03(\x0b\x32#.profilemesh.identity.v1.Comparison\x12\x17\n\x0fmatch_threshold\x18\x04 \x01(\x01\x12,\n$probability_two_random_records_match\x18\x05 \x01(\x01\x12\x19\n\x11max_em_iterations\x18\x06 \x01(\r\"P\n\x0c\x42lockingRule\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x32\n\x04keys\x18\x02 \x03(\x0b\x32$.profilemesh.identity.v1.BlockingKey\"v\n\x0b\x42lockingKey\x12\x11\n\tattribute\x18\x01 \x01(\t\x12=\n\ttransform\x18\x02 \x01(\x0e\x32*.profilemesh.identity.v1.BlockingTransform\x12\x15\n\rprefix_length\x18\x03 \x01(\r\"g\n\nComparison\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tattribute\x18\x02 \x01(\t\x12\x38\n\x06levels\x18\x03 \x03(\x0b\x32(.profilemesh.identity.v1.ComparisonLevel\"\xc8\x01\n\x0f\x43omparisonLevel\x12\r\n\x05label\x18\x01 \x01(\t\x12\x37\n\ncomparator\x18\x02 \x01(\x0e\x32#.profilemesh.identity.v1.Comparator\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12\x1a\n\rm_probability\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\ru_probability\x18\x05 \x01(\x01H\x01\x88\x01\x01\x42\x10\n\x0e_m_probabilityB\x10\n\x0e_u_probability\".\n\tRecordRef\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x11\n\trecord_id\x18\x02 \x01(\t\"\xe8\x01\n\x0bRecordMatch\x12\x30\n\x04left\x18\x01 \x01(\x0b\x32\".profilemesh.identity.v1.RecordRef\x12\x31\n\x05right\x18\x02 \x01(\x0b\x32\".profilemesh.identity.v1.RecordRef\x12\x19\n\x11match_probability\x18\x03 \x01(\x01\x12\x14\n\x0cmatch_weight\x18\x04 \x01(\x01\x12\x43\n\x0b\x63omparisons\x18\x05 \x03(\x0b\x32..profilemesh.identity.v1.ComparisonExplanation\"\xa1\x01\n\x15\x43omparisonExplanation\x12\x12\n\ncomparison\x18\x01 \x01(\t\x12\r\n\x05level\x18\x02 \x01(\t\x12\x12\n\nleft_value\x18\x03 \x01(\t\x12\x13\n\x0bright_value\x18\x04 \x01(\t\x12\x15\n\rm_probability\x18\x05 \x01(\x01\x12\x15\n\ru_probability\x18\x06 \x01(\x01\x12\x0e\n\x06weight\x18\x07 \x01(\x01\"D\n\rRecordCluster\x12\x33\n\x07records\x18\x01 \x03(\x0b\x32\".profilemesh.identity.v1.RecordRef\"\xb8\x01\n\rMatchingModel\x12,\n$probability_two_random_records_match\x18\x01 \x01(\x01\x12\x36\n\x06levels\x18\x02 \x03(\x0b\x32&.profilemesh.identity.v1.LevelEstimate\x12\x15\n\rem_iterations\x18\x03 \x01(\r\x12\x11\n\tconverged\x18\x04 \x01(\x08\x12\x17\n\x0f\x63\x61ndidate_pairs\x18\x05 \x01(\x04\"p\n\rLevelEstimate\x12\x12\n\ncomparison\x18\x01 \x01(\t\x12\r\n\x05level\x18\x02 \x01(\t\x12\x15\n\rm_probability\x18\x03 \x01(\x01\x12\x15\n\ru_probability\x18\x04 \x01(\x01\x12\x0e\n\x06weight\x18\x05 \x01(\x01*\xb1\x01\n\x11\x42lockingTransform\x12\"\n\x1e\x42LOCKING_TRANSFORM_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x42LOCKING_TRANSFORM_EXACT\x10\x01\x12\x1d\n\x19\x42LOCKING_TRANSFORM_PREFIX\x10\x02\x12\x1e\n\x1a\x42LOCKING_TRANSFORM_SOUNDEX\x10\x03\x12\x1b\n\x17\x42LOCKING_TRANSFORM_YEAR\x10\x04*\x83\x02\n\nComparator\x12\x1a\n\x16\x43OMPARATOR_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43OMPARATOR_EXACT\x10\x01\x12\x1b\n\x17\x43OMPARATOR_JARO_WINKLER\x10\x02\x12\x1a\n\x16\x43OMPARATOR_LEVENSHTEIN\x10\x03\x12\x16\n\x12\x43OMPARATOR_JACCARD\x10\x04\x12\x1e\n\x1a\x43OMPARATOR_DATE_DIFFERENCE\x10\x05\x12!\n\x1d\x43OMPARATOR_NUMERIC_DIFFERENCE\x10\x06\x12\x1a\n\x16\x43OMPARATOR_EITHER_NULL\x10\x07\x12\x13\n\x0f\x43OMPARATOR_ELSE\x10\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&profilemesh/identity/v1/matching.proto\x12\x17profilemesh.identity.v1\"\xfe\x01\n\x10MatchingSettings\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12=\n\x0e\x62locking_rules\x18\x02 \x03(\x0b\x32%.profilemesh.identity.v1.BlockingRule\x12\x38\n\x0b\x63omparisons\x18\x03 \x03(\x0b\x32#.profilemesh.identity.v1.Comparison\x12\x17\n\x0fmatch_threshold\x18\x04 \x01(\x01\x12,\n$probability_two_random_records_match\x18\x05 \x01(\x01\x12\x19\n\x11max_em_iterations\x18\x06 \x01(\r\"P\n\x0c\x42lockingRule\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x32\n\x04keys\x18\x02 \x03(\x0b\x32$.profilemesh.identity.v1.BlockingKey\"\x8f\x01\n\x0b\x42lockingKey\x12\x11\n\tattribute\x18\x01 \x01(\t\x12=\n\ttransform\x18\x02 \x01(\x0e\x32*.profilemesh.identity.v1.BlockingTransform\x12\x15\n\rprefix_length\x18\x03 \x01(\r\x12\x17\n\x0fother_attribute\x18\x04 \x01(\t\"\x8b\x01\n\nComparison\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tattribute\x18\x02 \x01(\t\x12\x38\n\x06levels\x18\x03 \x03(\x0b\x32(.profilemesh.identity.v1.ComparisonLevel\x12\"\n\x1aterm_frequency_adjustments\x18\x04 \x01(\x08\"\xfb\x01\n\x0f\x43omparisonLevel\x12\r\n\x05label\x18\x01 \x01(\t\x12\x37\n\ncomparator\x18\x02 \x01(\x0e\x32#.profilemesh.identity.v1.Comparator\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12\x1a\n\rm_probability\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\ru_probability\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\x0f\x63ross_attribute\x18\x06 \x01(\t\x12\x18\n\x10\x63ross_either_way\x18\x07 \x01(\x08\x42\x10\n\x0e_m_probabilityB\x10\n\x0e_u_probability\".\n\tRecordRef\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x11\n\trecord_id\x18\x02 \x01(\t\"\xe8\x01\n\x0bRecordMatch\x12\x30\n\x04left\x18\x01 \x01(\x0b\x32\".profilemesh.identity.v1.RecordRef\x12\x31\n\x05right\x18\x02 \x01(\x0b\x32\".profilemesh.identity.v1.RecordRef\x12\x19\n\x11match_probability\x18\x03 \x01(\x01\x12\x14\n\x0cmatch_weight\x18\x04 \x01(\x01\x12\x43\n\x0b\x63omparisons\x18\x05 \x03(\x0b\x32..profilemesh.identity.v1.ComparisonExplanation\"\xa1\x01\n\x15\x43omparisonExplanation\x12\x12\n\ncomparison\x18\x01 \x01(\t\x12\r\n\x05level\x18\x02 \x01(\t\x12\x12\n\nleft_value\x18\x03 \x01(\t\x12\x13\n\x0bright_value\x18\x04 \x01(\t\x12\x15\n\rm_probability\x18\x05 \x01(\x01\x12\x15\n\ru_probability\x18\x06 \x01(\x01\x12\x0e\n\x06weight\x18\x07 \x01(\x01\"D\n\rRecordCluster\x12\x33\n\x07records\x18\x01 \x03(\x0b\x32\".profilemesh.identity.v1.RecordRef\"\xb8\x01\n\rMatchingModel\x12,\n$probability_two_random_records_match\x18\x01 \x01(\x01\x12\x36\n\x06levels\x18\x02 \x03(\x0b\x32&.profilemesh.identity.v1.LevelEstimate\x12\x15\n\rem_iterations\x18\x03 \x01(\r\x12\x11\n\tconverged\x18\x04 \x01(\x08\x12\x17\n\x0f\x63\x61ndidate_pairs\x18\x05 \x01(\x04\"p\n\rLevelEstimate\x12\x12\n\ncomparison\x18\x01 \x01(\t\x12\r\n\x05level\x18\x02 \x01(\t\x12\x15\n\rm_probability\x18\x03 \x01(\x01\x12\x15\n\ru_probability\x18\x04 \x01(\x01\x12\x0e\n\x06weight\x18\x05 \x01(\x01*\xb1\x01\n\x11\x42lockingTransform\x12\"\n\x1e\x42LOCKING_TRANSFORM_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x42LOCKING_TRANSFORM_EXACT\x10\x01\x12\x1d\n\x19\x42LOCKING_TRANSFORM_PREFIX\x10\x02\x12\x1e\n\x1a\x42LOCKING_TRANSFORM_SOUNDEX\x10\x03\x12\x1b\n\x17\x42LOCKING_TRANSFORM_YEAR\x10\x04*\x81\x03\n\nComparator\x12\x1a\n\x16\x43OMPARATOR_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43OMPARATOR_EXACT\x10\x01\x12\x1b\n\x17\x43OMPARATOR_JARO_WINKLER\x10\x02\x12\x1a\n\x16\x43OMPARATOR_LEVENSHTEIN\x10\x03\x12\x16\n\x12\x43OMPARATOR_JACCARD\x10\x04\x12\x1e\n\x1a\x43OMPARATOR_DATE_DIFFERENCE\x10\x05\x12!\n\x1d\x43OMPARATOR_NUMERIC_DIFFERENCE\x10\x06\x12\x1a\n\x16\x43OMPARATOR_EITHER_NULL\x10\x07\x12\x13\n\x0f\x43OMPARATOR_ELSE\x10\x08\x12\"\n\x1e\x43OMPARATOR_DAMERAU_LEVENSHTEIN\x10\t\x12%\n!COMPARATOR_DATE_SWAPPED_DAY_MONTH\x10\n\x12\x17\n\x13\x43OMPARATOR_NICKNAME\x10\x0b\x12\x18\n\x14\x43OMPARATOR_TOKEN_SET\x10\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'profilemesh.identity.v1.matching_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BLOCKINGTRANSFORM']._serialized_start=1653
-  _globals['_BLOCKINGTRANSFORM']._serialized_end=1830
-  _globals['_COMPARATOR']._serialized_start=1833
-  _globals['_COMPARATOR']._serialized_end=2092
+  _globals['_BLOCKINGTRANSFORM']._serialized_start=1767
+  _globals['_BLOCKINGTRANSFORM']._serialized_end=1944
+  _globals['_COMPARATOR']._serialized_start=1947
+  _globals['_COMPARATOR']._serialized_end=2332
   _globals['_MATCHINGSETTINGS']._serialized_start=68
   _globals['_MATCHINGSETTINGS']._serialized_end=322
   _globals['_BLOCKINGRULE']._serialized_start=324
   _globals['_BLOCKINGRULE']._serialized_end=404
-  _globals['_BLOCKINGKEY']._serialized_start=406
-  _globals['_BLOCKINGKEY']._serialized_end=524
-  _globals['_COMPARISON']._serialized_start=526
-  _globals['_COMPARISON']._serialized_end=629
-  _globals['_COMPARISONLEVEL']._serialized_start=632
-  _globals['_COMPARISONLEVEL']._serialized_end=832
-  _globals['_RECORDREF']._serialized_start=834
-  _globals['_RECORDREF']._serialized_end=880
-  _globals['_RECORDMATCH']._serialized_start=883
-  _globals['_RECORDMATCH']._serialized_end=1115
-  _globals['_COMPARISONEXPLANATION']._serialized_start=1118
-  _globals['_COMPARISONEXPLANATION']._serialized_end=1279
-  _globals['_RECORDCLUSTER']._serialized_start=1281
-  _globals['_RECORDCLUSTER']._serialized_end=1349
-  _globals['_MATCHINGMODEL']._serialized_start=1352
-  _globals['_MATCHINGMODEL']._serialized_end=1536
-  _globals['_LEVELESTIMATE']._serialized_start=1538
-  _globals['_LEVELESTIMATE']._serialized_end=1650
+  _globals['_BLOCKINGKEY']._serialized_start=407
+  _globals['_BLOCKINGKEY']._serialized_end=550
+  _globals['_COMPARISON']._serialized_start=553
+  _globals['_COMPARISON']._serialized_end=692
+  _globals['_COMPARISONLEVEL']._serialized_start=695
+  _globals['_COMPARISONLEVEL']._serialized_end=946
+  _globals['_RECORDREF']._serialized_start=948
+  _globals['_RECORDREF']._serialized_end=994
+  _globals['_RECORDMATCH']._serialized_start=997
+  _globals['_RECORDMATCH']._serialized_end=1229
+  _globals['_COMPARISONEXPLANATION']._serialized_start=1232
+  _globals['_COMPARISONEXPLANATION']._serialized_end=1393
+  _globals['_RECORDCLUSTER']._serialized_start=1395
+  _globals['_RECORDCLUSTER']._serialized_end=1463
+  _globals['_MATCHINGMODEL']._serialized_start=1466
+  _globals['_MATCHINGMODEL']._serialized_end=1650
+  _globals['_LEVELESTIMATE']._serialized_start=1652
+  _globals['_LEVELESTIMATE']._serialized_end=1764
 # @@protoc_insertion_point(module_scope)

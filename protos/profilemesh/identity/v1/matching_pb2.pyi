@@ -75,6 +75,14 @@ class _ComparatorEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Comparator
     """Either value is missing or empty. Such a level carries no evidence (weight 0)."""
     COMPARATOR_ELSE: _Comparator.ValueType  # 8
     """Always true: the catch-all last level."""
+    COMPARATOR_DAMERAU_LEVENSHTEIN: _Comparator.ValueType  # 9
+    """Damerau-Levenshtein distance at most `threshold` edits (a transposition is one edit)."""
+    COMPARATOR_DATE_SWAPPED_DAY_MONTH: _Comparator.ValueType  # 10
+    """Dates equal once day and month are swapped (a common data-entry mistake)."""
+    COMPARATOR_NICKNAME: _Comparator.ValueType  # 11
+    """Names known to be the same person's (Bill and William), from a built-in nickname list."""
+    COMPARATOR_TOKEN_SET: _Comparator.ValueType  # 12
+    """Token-set similarity (word order and repeated words ignored) at least `threshold`."""
 
 class Comparator(_Comparator, metaclass=_ComparatorEnumTypeWrapper):
     """Test applied by a comparison level to the two values of a pair."""
@@ -97,6 +105,14 @@ COMPARATOR_EITHER_NULL: Comparator.ValueType  # 7
 """Either value is missing or empty. Such a level carries no evidence (weight 0)."""
 COMPARATOR_ELSE: Comparator.ValueType  # 8
 """Always true: the catch-all last level."""
+COMPARATOR_DAMERAU_LEVENSHTEIN: Comparator.ValueType  # 9
+"""Damerau-Levenshtein distance at most `threshold` edits (a transposition is one edit)."""
+COMPARATOR_DATE_SWAPPED_DAY_MONTH: Comparator.ValueType  # 10
+"""Dates equal once day and month are swapped (a common data-entry mistake)."""
+COMPARATOR_NICKNAME: Comparator.ValueType  # 11
+"""Names known to be the same person's (Bill and William), from a built-in nickname list."""
+COMPARATOR_TOKEN_SET: Comparator.ValueType  # 12
+"""Token-set similarity (word order and repeated words ignored) at least `threshold`."""
 Global___Comparator: _TypeAlias = Comparator  # noqa: Y015
 
 @_typing.final
@@ -194,6 +210,7 @@ class BlockingKey(_message.Message):
     ATTRIBUTE_FIELD_NUMBER: _builtins.int
     TRANSFORM_FIELD_NUMBER: _builtins.int
     PREFIX_LENGTH_FIELD_NUMBER: _builtins.int
+    OTHER_ATTRIBUTE_FIELD_NUMBER: _builtins.int
     attribute: _builtins.str
     """Attribute path within the record's attributes, e.g. "last_name" or "address.postcode", or
     `identifiers.<type>` for the value of an identifier type.
@@ -202,16 +219,22 @@ class BlockingKey(_message.Message):
     """Transformation applied to the value (after trimming and lower-casing) before comparing."""
     prefix_length: _builtins.int
     """Number of leading characters kept by PREFIX. Ignored by other transforms."""
+    other_attribute: _builtins.str
+    """A second attribute whose value must equal this key's value on the other record, for
+    blocking on swapped fields (e.g. first name of one record = last name of the other).
+    Empty: the same attribute on both sides.
+    """
     def __init__(
         self,
         *,
         attribute: _builtins.str = ...,
         transform: Global___BlockingTransform.ValueType = ...,
         prefix_length: _builtins.int = ...,
+        other_attribute: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute", b"attribute", "prefix_length", b"prefix_length", "transform", b"transform"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute", b"attribute", "other_attribute", b"other_attribute", "prefix_length", b"prefix_length", "transform", b"transform"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -228,11 +251,16 @@ class Comparison(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     ATTRIBUTE_FIELD_NUMBER: _builtins.int
     LEVELS_FIELD_NUMBER: _builtins.int
+    TERM_FREQUENCY_ADJUSTMENTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name of the comparison, e.g. "first_name"; used in explanations."""
     attribute: _builtins.str
     """Attribute path within the record's attributes, e.g. "first_name" or "address.city", or
     `identifiers.<type>` for the value of an identifier type.
+    """
+    term_frequency_adjustments: _builtins.bool
+    """Adjust each level's weight by how common the compared value is, as Splink's term
+    frequency adjustments do: agreeing on a rare surname counts for more than on a common one.
     """
     @_builtins.property
     def levels(self) -> _containers.RepeatedCompositeFieldContainer[Global___ComparisonLevel]:
@@ -246,10 +274,11 @@ class Comparison(_message.Message):
         name: _builtins.str = ...,
         attribute: _builtins.str = ...,
         levels: _abc.Iterable[Global___ComparisonLevel] | None = ...,
+        term_frequency_adjustments: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute", b"attribute", "levels", b"levels", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute", b"attribute", "levels", b"levels", "name", b"name", "term_frequency_adjustments", b"term_frequency_adjustments"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -266,6 +295,8 @@ class ComparisonLevel(_message.Message):
     THRESHOLD_FIELD_NUMBER: _builtins.int
     M_PROBABILITY_FIELD_NUMBER: _builtins.int
     U_PROBABILITY_FIELD_NUMBER: _builtins.int
+    CROSS_ATTRIBUTE_FIELD_NUMBER: _builtins.int
+    CROSS_EITHER_WAY_FIELD_NUMBER: _builtins.int
     label: _builtins.str
     """Label of the level, e.g. "exact", "jaro_winkler_0.9" or "else"; used in explanations and
     estimates.
@@ -283,6 +314,12 @@ class ComparisonLevel(_message.Message):
     """Fixed probability that a non-match falls in this level; unset means estimated from random
     pairs.
     """
+    cross_attribute: _builtins.str
+    """Compare the comparison's attribute on one record with this attribute on the other (e.g.
+    first name against last name, for swapped fields). Empty: the same attribute.
+    """
+    cross_either_way: _builtins.bool
+    """With cross_attribute, also try the other way round and keep the better of the two."""
     def __init__(
         self,
         *,
@@ -291,10 +328,12 @@ class ComparisonLevel(_message.Message):
         threshold: _builtins.float = ...,
         m_probability: _builtins.float | None = ...,
         u_probability: _builtins.float | None = ...,
+        cross_attribute: _builtins.str = ...,
+        cross_either_way: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_m_probability", b"_m_probability", "_u_probability", b"_u_probability", "m_probability", b"m_probability", "u_probability", b"u_probability"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_m_probability", b"_m_probability", "_u_probability", b"_u_probability", "comparator", b"comparator", "label", b"label", "m_probability", b"m_probability", "threshold", b"threshold", "u_probability", b"u_probability"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_m_probability", b"_m_probability", "_u_probability", b"_u_probability", "comparator", b"comparator", "cross_attribute", b"cross_attribute", "cross_either_way", b"cross_either_way", "label", b"label", "m_probability", b"m_probability", "threshold", b"threshold", "u_probability", b"u_probability"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__m_probability: _TypeAlias = _typing.Literal["m_probability"]  # noqa: Y015
     _WhichOneofArgType__m_probability: _TypeAlias = _typing.Literal["_m_probability", b"_m_probability"]  # noqa: Y015
