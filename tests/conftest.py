@@ -16,7 +16,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from profilemesh.shared.settings import SERVICE_NAMES, Endpoint, Endpoints, Settings
 
-
 _handed_out: set[int] = set()
 
 
