@@ -22,6 +22,7 @@ another, runs several times slower than the rest, whatever is measured.
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import shutil
 import statistics
@@ -35,6 +36,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from profilemesh.ingestion.v1 import event_log_pb2, event_pb2
 from profilemesh.shared.log.api import Log, LogReader, type_url
 from profilemesh.shared.log.client import RemoteLog
 from profilemesh.shared.log.embedded import EmbeddedLog
@@ -57,11 +59,21 @@ PAYLOAD_TYPE = type_url(STREAMS["ingestion"][1])
 Entries = list[tuple[str, bytes]]
 
 
+def _event_payload(index: int) -> bytes:
+    """A ~1 KB ``IngestedItem`` (what the events log holds, so the service that later serves
+    the log can read it), padded with random text so nothing along the way compresses it."""
+    event = event_pb2.Event(message_id=f"bench-{index}", user_id=f"user-{index:06d}")
+    event.track.event = "Order Completed"
+    item = event_log_pb2.IngestedItem(event=event, source="bench")
+    padding = PAYLOAD_BYTES - item.ByteSize() - 24
+    item.event.track.properties["blob"] = base64.b64encode(os.urandom(padding))[:padding].decode()
+    return item.SerializeToString()
+
+
 def _batches(count: int) -> list[Entries]:
-    """``count`` distinct batches of ``BATCH`` entries: keys over ``USERS`` users, 1 KB of
-    random bytes each (so nothing along the way gets to compress them)."""
-    blob = os.urandom(PAYLOAD_BYTES * 1024)
-    payloads = [blob[i * PAYLOAD_BYTES : (i + 1) * PAYLOAD_BYTES] for i in range(1024)]
+    """``count`` distinct batches of ``BATCH`` entries: keys over ``USERS`` users, 1 KB
+    payloads each."""
+    payloads = [_event_payload(i) for i in range(1024)]
     keys = [f"user-{i:06d}" for i in range(USERS)]
     batches = []
     for b in range(count):

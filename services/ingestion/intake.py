@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from google.protobuf.message import DecodeError
+
 from profilemesh.ingestion.v1 import event_log_pb2, record_pb2
 from profilemesh.services.ingestion.dedup import Deduplicator, fingerprint
 from profilemesh.services.ingestion.event_checks import CheckedEvent, EventChecker, RejectedEvent
@@ -158,8 +160,13 @@ class Intake:
 
 
 def dedup_id(payload: bytes) -> str:
-    """The id an ``IngestedItem`` payload was deduplicated by (as ``Intake`` computed it)."""
-    item = event_log_pb2.IngestedItem.FromString(payload)
+    """The id an ``IngestedItem`` payload was deduplicated by (as ``Intake`` computed it);
+    empty for a payload that is not one (nothing to remember, and no reason to stop)."""
+    try:
+        item = event_log_pb2.IngestedItem.FromString(payload)
+    except DecodeError:
+        log.warning("an undecodable payload in the event log was skipped")
+        return ""
     if item.HasField("event"):
         return item.event.message_id
     if item.HasField("record"):
