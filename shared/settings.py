@@ -106,6 +106,13 @@ class IngestionSettings(BaseModel):
     """A YAML file of tracking plans loaded at start-up (plans set by RPC are kept too)."""
 
 
+class IdentitySettings(BaseModel):
+    """Where the identity service's rules come from at first start (later: UpdateIdentityRules)."""
+
+    rules_file: Path | None = None
+    """A YAML file of identity rules; without one, the built-in defaults apply."""
+
+
 class Settings(BaseSettings):
     """Everything a profilemesh process can be configured with."""
 
@@ -125,6 +132,7 @@ class Settings(BaseSettings):
     client: ClientSettings = ClientSettings()
     streams: StreamSettings = StreamSettings()
     ingestion: IngestionSettings = IngestionSettings()
+    identity: IdentitySettings = IdentitySettings()
 
     grace_seconds: float = Field(default=5.0, ge=0)
     """On SIGTERM, how long in-flight calls may finish before they are cancelled."""
@@ -183,7 +191,12 @@ class Settings(BaseSettings):
             endpoint = self.services.of(name)
             env[f"PROFILEMESH_SERVICES__{name.upper()}__HOST"] = endpoint.host
             env[f"PROFILEMESH_SERVICES__{name.upper()}__PORT"] = str(endpoint.port)
-        groups = (("CLIENT", self.client), ("STREAMS", self.streams), ("INGESTION", self.ingestion))
+        groups = (
+            ("CLIENT", self.client),
+            ("STREAMS", self.streams),
+            ("INGESTION", self.ingestion),
+            ("IDENTITY", self.identity),
+        )
         for group, model in groups:
             for field in type(model).model_fields:
                 value = getattr(model, field)

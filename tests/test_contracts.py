@@ -33,6 +33,19 @@ IMPLEMENTED = {
             "CancelSourceRun",
         )
     ),
+    *(
+        f"/profilemesh.identity.v1.IdentityService/{name}"
+        for name in (
+            "GetProfile",
+            "ResolveIdentifiers",
+            "MergeProfiles",
+            "UnmergeProfile",
+            "ListMerges",
+            "GetIdentityRules",
+            "UpdateIdentityRules",
+            "MatchRecords",
+        )
+    ),
 }
 """Full method names that do real work; grows as the services are built."""
 

@@ -1,16 +1,188 @@
-"""The identity domain: the service's state and rules, with no gRPC in sight.
+"""The identity domain as a whole: the graph, its store, the resolver and the outbox.
 
-Empty for now: each RPC's behaviour lands here as it is built, and the servicer stays a thin
-translation between protobuf and these objects.
+The graph lives in memory and is changed only under ``lock``: by the event-log consumer (in
+its worker thread) and by the manual operations (merge, unmerge, rules), each in a store
+transaction that also queues what the resolution log must say.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
+
+from profilemesh.services.identity import messages
+from profilemesh.services.identity.graph import IdentityGraph, MergeOutcome, UnmergeOutcome
+from profilemesh.services.identity.identifiers import Identifier
+from profilemesh.services.identity.resolver import Resolver, entry_bytes
+from profilemesh.services.identity.rules import Rules
+from profilemesh.services.identity.store import GraphStore
+from profilemesh.shared.errors import Unavailable
+from profilemesh.shared.log.api import LogReader
+from profilemesh.shared.log.consumer import LogConsumer
+from profilemesh.shared.log.embedded import EmbeddedLog
+from profilemesh.shared.log.outbox import Outbox
+from profilemesh.shared.log.sqlite_store import SqliteConsumerStore
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+CONSUMER = "identity"
 
 
 class Identity:
-    """The identity service's domain state, kept under its own data directory."""
+    """The identity service's state under ``data_dir``; usable once :meth:`open` ran."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, rules_file: Path | None = None) -> None:
         self.data_dir = data_dir
+        self.rules_file = rules_file
+        self.lock = threading.Lock()
+        self._graph: IdentityGraph | None = None
+        self._store: SqliteConsumerStore | None = None
+        self._outbox: Outbox | None = None
+        self._consumer: LogConsumer[object] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def graph(self) -> IdentityGraph:
+        if self._graph is None:
+            raise Unavailable("identity is starting or stopping")
+        return self._graph
+
+    @property
+    def store(self) -> SqliteConsumerStore:
+        if self._store is None:
+            raise Unavailable("identity is starting or stopping")
+        return self._store
+
+    async def open(self, resolutions: EmbeddedLog, events: LogReader) -> None:
+        """Load the graph, then follow the event log and publish the resolution log."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        store = SqliteConsumerStore(self.data_dir / "identity.sqlite")
+        store.schema(GraphStore.schema())
+        rules = store.read(GraphStore.load_rules)
+        if rules is None:
+            rules = Rules.from_yaml(self.rules_file) if self.rules_file else Rules()
+        graph = await asyncio.to_thread(store.read, lambda c: GraphStore.load(c, rules))
+        outbox = Outbox(store, resolutions)
+        consumer: LogConsumer[object] = LogConsumer(
+            CONSUMER,
+            events,
+            store,  # type: ignore[arg-type]
+            Resolver(graph, self.lock, outbox),  # type: ignore[arg-type]
+            on_applied=lambda _: outbox.notify(),
+        )
+        self._store, self._graph, self._outbox, self._consumer = store, graph, outbox, consumer
+        self._tasks = [
+            asyncio.create_task(self._supervise("outbox", outbox.run)),
+            asyncio.create_task(self._supervise("consumer", consumer.run)),
+        ]
+
+    async def _supervise(self, name: str, run: Callable[[], object]) -> None:
+        try:
+            await run()  # type: ignore[misc]
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # The in-memory graph may no longer match the store: stop the service, so that it
+            # restarts from what was committed.
+            log.exception("identity %s failed; stopping the service", name)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    async def close(self) -> None:
+        """Stop following the log, publish what is queued, close the store."""
+        if self._consumer is not None:
+            self._consumer.stop()
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._outbox is not None:
+            with contextlib.suppress(Exception):
+                await self._outbox.publish_pending()
+        if self._store is not None:
+            self._store.close()
+        self._store = self._graph = self._outbox = self._consumer = None
+
+    async def lag(self) -> dict[int, int]:
+        """How far the consumer is behind the event log, per partition."""
+        if self._consumer is None:
+            raise Unavailable("identity is starting or stopping")
+        return await self._consumer.lag()
+
+    # -- manual operations ------------------------------------------------------------------
+
+    async def _change(
+        self,
+        operation: Callable[[IdentityGraph], T],
+        publish: Callable[[T], list[tuple[str, bytes]]],
+    ) -> T:
+        """Run ``operation`` on the graph in a store transaction with what it publishes."""
+        graph, store = self.graph, self.store
+        outbox = self._outbox
+        assert outbox is not None
+
+        def run() -> T:
+            with self.lock, store.transaction() as tx:
+                result = operation(graph)
+                GraphStore.save(tx, graph.drain_changes())
+                outbox.put(tx, publish(result))
+                return result
+
+        result = await asyncio.to_thread(run)
+        outbox.notify()
+        return result
+
+    async def merge(self, profile_ids: Sequence[str], reason: str) -> MergeOutcome:
+        """Merge profiles by hand (refused when a limit would break)."""
+
+        def publish(outcome: MergeOutcome) -> list[tuple[str, bytes]]:
+            record = outcome.record
+            entries = [(record.surviving_profile_id, entry_bytes(messages.merge_entry(record)))]
+            if outcome.traits is not None:
+                t = outcome.traits
+                entry = messages.traits_entry(t.profile_id, t.traits, t.changed, record.occurred_at)
+                entries.append((t.profile_id, entry_bytes(entry)))
+            return entries
+
+        return await self._change(lambda g: g.merge(profile_ids, reason), publish)
+
+    async def unmerge(
+        self, profile_id: str, identifiers: Sequence[Identifier], reason: str
+    ) -> UnmergeOutcome:
+        """Split identifiers off a profile."""
+
+        def publish(outcome: UnmergeOutcome) -> list[tuple[str, bytes]]:
+            record = outcome.record
+            original = record.profile_ids[0] if record.profile_ids else ""
+            entries = [(original, entry_bytes(messages.merge_entry(record)))]
+            for t in outcome.traits:
+                entry = messages.traits_entry(t.profile_id, t.traits, t.changed, record.occurred_at)
+                entries.append((t.profile_id, entry_bytes(entry)))
+            return entries
+
+        return await self._change(lambda g: g.unmerge(profile_id, identifiers, reason), publish)
+
+    async def set_rules(self, rules: Rules) -> Rules:
+        """Replace the rules (they apply to what arrives from now on)."""
+
+        def apply(graph: IdentityGraph) -> Rules:
+            graph.rules = rules
+            return rules
+
+        def save(_: Rules) -> list[tuple[str, bytes]]:
+            return []
+
+        result = await self._change(apply, save)
+        await asyncio.to_thread(self._save_rules, rules)
+        return result
+
+    def _save_rules(self, rules: Rules) -> None:
+        with self.store.transaction() as tx:
+            GraphStore.save_rules(tx, rules)
