@@ -28,8 +28,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -53,7 +55,7 @@ from profilemesh.services.identity.store import GraphStore
 from profilemesh.shared.log.sqlite_store import SqliteConsumerStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Report, parse_args, percentile
+from harness import Report, free_port, parse_args, percentile
 
 T = TypeVar("T")
 SEED = 20240501
@@ -336,6 +338,85 @@ def bench_incremental(
     )
 
 
+def bench_grpc(events: int, report: Report) -> None:
+    """Event -> profile over gRPC: ``profilemesh serve ingestion`` and ``serve identity`` run as
+    a user runs them; each event is sent with ``SendEvent`` (durable ack), then
+    ``ResolveIdentifiers`` is called until identity has resolved it. Also the latency of a
+    ``ResolveIdentifiers`` call on its own."""
+    asyncio.run(_bench_grpc(events, report))
+
+
+async def _bench_grpc(events: int, report: Report) -> None:
+    import grpc
+
+    from profilemesh.common.v1 import identifier_pb2
+    from profilemesh.identity.v1 import identity_service_pb2, identity_service_pb2_grpc
+    from profilemesh.ingestion.v1 import (
+        event_pb2,
+        ingestion_service_pb2,
+        ingestion_service_pb2_grpc,
+    )
+
+    ports = {"ingestion": free_port(), "identity": free_port()}
+    with tempfile.TemporaryDirectory(prefix="bench-identity-grpc-") as data_dir:
+        env = {
+            **os.environ,
+            "PROFILEMESH_DATA_DIR": data_dir,
+            "PROFILEMESH_LOG_LEVEL": "WARNING",
+            **{f"PROFILEMESH_SERVICES__{n.upper()}__PORT": str(p) for n, p in ports.items()},
+        }
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-m", "profilemesh.services.cli", "serve", name], env=env
+            )
+            for name in ports
+        ]
+        try:
+            async with (
+                grpc.aio.insecure_channel(f"127.0.0.1:{ports['ingestion']}") as ingestion,
+                grpc.aio.insecure_channel(f"127.0.0.1:{ports['identity']}") as identity,
+            ):
+                send = ingestion_service_pb2_grpc.IngestionServiceStub(ingestion).SendEvent
+                resolve = identity_service_pb2_grpc.IdentityServiceStub(identity)
+                for channel in (ingestion, identity):
+                    await asyncio.wait_for(channel.channel_ready(), 30)
+                end_to_end: list[float] = []
+                lookups: list[float] = []
+                for i in range(events + 50):
+                    event = event_pb2.Event(user_id=f"u-{i}", anonymous_id=f"a-{i}")
+                    event.identify.traits.update({"email": f"person{i}@example.com"})
+                    wanted = identity_service_pb2.ResolveIdentifiersRequest(
+                        identifiers=[
+                            identifier_pb2.Identifier(type="email", value=f"person{i}@example.com")
+                        ]
+                    )
+                    started = time.perf_counter()
+                    await send(ingestion_service_pb2.SendEventRequest(event=event), timeout=10)
+                    while True:
+                        asked = time.perf_counter()
+                        answer = await resolve.ResolveIdentifiers(wanted, timeout=10)
+                        if answer.resolutions[0].found:
+                            break
+                    done = time.perf_counter()
+                    if i >= 50:  # warm-up
+                        end_to_end.append((done - started) * 1000)
+                        lookups.append((done - asked) * 1000)
+        finally:
+            for process in processes:
+                process.terminate()
+                process.wait(timeout=30)
+    figures = report.figures
+    figures["grpc_event_to_profile_p50_ms"] = percentile(end_to_end, 50)
+    figures["grpc_event_to_profile_p99_ms"] = percentile(end_to_end, 99)
+    figures["grpc_resolve_call_p50_ms"] = percentile(lookups, 50)
+    figures["grpc_resolve_call_p99_ms"] = percentile(lookups, 99)
+    report.target(
+        "grpc_resolve_call_p99_ms",
+        f"<= {TARGET_P99_MS} ms (over gRPC)",
+        figures["grpc_resolve_call_p99_ms"] <= TARGET_P99_MS,
+    )
+
+
 def _rss_bytes() -> int:
     """Resident memory of this process (Linux)."""
     with open("/proc/self/statm") as statm:
@@ -352,6 +433,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-identity-") as data_dir:
         bench_incremental(preload, measured, Path(data_dir), report)
     bench_rebuild(sizes, rounds, report)
+    bench_grpc(300 if args.quick else 2000, report)
     print(
         f"identity_graph: rebuild of {', '.join(f'{s:,}' for s in sizes)} links (best of "
         f"{rounds}) next to scipy's connected_components; {measured:,} people's items linked "

@@ -632,12 +632,14 @@ class IdentityGraph:
         *,
         occurred_at: int | None = None,
     ) -> UnmergeOutcome:
-        """Cut the links that join ``identifiers`` to the rest of their profile and split it
-        into its connected parts.
+        """Take ``identifiers`` out of their profile, with whatever only they linked to it.
 
-        The part holding the profile's founder keeps its id; every other part takes the id of
-        the oldest profile a member of it founded (a new id if none did). Raises NotFound,
-        InvalidArgument (identifiers not on the profile, or all of them; no reason).
+        The rest of the profile keeps its part that holds the oldest founder; the links between
+        that part and everything else are cut, and the profile splits into its connected
+        parts. The part holding the profile's founder keeps its id; every other part takes the
+        id of the oldest profile a member of it founded (a new id if none did), so unmerging a
+        merge restores both ids. Raises NotFound, InvalidArgument (identifiers not on the
+        profile, or all of them; no reason).
         """
         if not reason.strip():
             raise InvalidArgument.for_field("reason", "a reason is required")

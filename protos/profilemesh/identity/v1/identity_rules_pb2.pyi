@@ -180,7 +180,8 @@ class IdentifierRule(_message.Message):
     """What to do when linking an event or record would give a profile more than `limit` values."""
     normalizer: _builtins.str
     """Normaliser applied to values before lookup: "email" (trim, lower-case), "e164" (phone to
-    E.164 using default_region), "lowercase", "trim" or "none". Empty means "trim".
+    E.164 using default_region), "lowercase", "uppercase", "trim" or "none". Empty means the
+    type's default: "email" for email, "e164" for phone, "trim" for everything else.
     """
     @_builtins.property
     def trait_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
