@@ -98,7 +98,10 @@ async def _resolve(settings: Settings, kind: str, value: str, timeout: float = 1
             await asyncio.sleep(0.05)
 
 
-async def _resolutions(settings: Settings, count: int) -> list[resolution_log_pb2.ResolutionEntry]:
+async def _resolutions(
+    settings: Settings, resolved: int
+) -> list[resolution_log_pb2.ResolutionEntry]:
+    """The resolution log once it holds at least ``resolved`` EventResolved entries."""
     remote = RemoteLog(settings.services.identity.target, "resolutions", settings)
     try:
         for _ in range(200):
@@ -109,7 +112,7 @@ async def _resolutions(settings: Settings, count: int) -> list[resolution_log_pb
                         resolution_log_pb2.ResolutionEntry.FromString(p)
                         for p in batch.payload_list()
                     )
-            if len(entries) >= count:
+            if sum(e.HasField("event_resolved") for e in entries) >= resolved:
                 return entries
             await asyncio.sleep(0.05)
     finally:
