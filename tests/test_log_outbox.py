@@ -69,3 +69,20 @@ async def test_a_crash_between_append_and_delete_does_not_publish_twice(tmp_path
     assert await _payloads(target) == sorted(b"m%d" % i for i in range(10))
     store.close()
     await target.close()
+
+
+async def test_flushing_after_a_cancelled_publisher_sends_nothing_twice(tmp_path: Path) -> None:
+    target = await EmbeddedLog.open(tmp_path / "out", "out", partitions=2)
+    store = SqliteConsumerStore(tmp_path / "state.sqlite")
+    outbox = Outbox(store, target)
+    with store.transaction() as tx:
+        outbox.put(tx, [(f"k{i}", b"m%d" % i) for i in range(10)])
+    rows = store.read(
+        lambda tx: tx.execute("SELECT seq, key, payload FROM outbox ORDER BY seq").fetchall()
+    )
+    # The publisher was cancelled between its append and its delete:
+    await target.append_batch([(k, p) for _, k, p in rows], {SEQUENCE_HEADER: str(rows[-1][0])})
+    await outbox.flush()
+    assert await _payloads(target) == sorted(b"m%d" % i for i in range(10))
+    store.close()
+    await target.close()

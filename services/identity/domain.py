@@ -108,8 +108,10 @@ class Identity:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self._outbox is not None:
-            with contextlib.suppress(Exception):
-                await self._outbox.publish_pending()
+            try:
+                await self._outbox.flush()
+            except Exception:  # what stays queued is published at the next start
+                log.exception("publishing the outbox at shutdown failed")
         if self._store is not None:
             self._store.close()
         self._store = self._graph = self._outbox = self._consumer = None

@@ -110,6 +110,15 @@ class Outbox:
             )
             published += len(rows)
 
+    async def flush(self) -> int:
+        """Publish what is queued, after stopping :meth:`run` (at shutdown).
+
+        A cancelled publisher may have appended a group without deleting it yet; recovering
+        first makes sure such a group is not sent a second time.
+        """
+        await self.recover()
+        return await self.publish_pending()
+
     async def run(self) -> None:
         """Publish whenever notified (and once at start), until cancelled."""
         await self.recover()
