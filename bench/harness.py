@@ -8,11 +8,17 @@ smaller sizes in under a minute; ``--json`` writes every printed figure as
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import socket
 import statistics
+import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
 def parse_args(description: str) -> argparse.Namespace:
@@ -29,6 +35,28 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+async def wait_serving(
+    target: str, process: subprocess.Popen[bytes] | None = None, timeout: float = 60.0
+) -> None:
+    """Return once the server at ``target`` reports SERVING; fail early if ``process`` (the
+    server, started by the benchmark) exits, or after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"the service exited with {process.returncode}")
+            try:
+                answer = await stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
+                if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{target} not serving after {timeout}s")
+            await asyncio.sleep(0.1)
 
 
 def percentile(samples: list[float], q: float) -> float:

@@ -42,7 +42,6 @@ from pathlib import Path
 
 import grpc
 from google.protobuf import struct_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from profilemesh.common.v1 import log_service_pb2, log_service_pb2_grpc
 from profilemesh.ingestion.v1 import event_pb2, ingestion_service_pb2, result_pb2
@@ -53,7 +52,7 @@ from profilemesh.shared.settings import IngestionSettings, Settings
 from profilemesh.shared.wire import length_delimited, string_field
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Report, free_port, parse_args, percentile
+from harness import Report, free_port, parse_args, percentile, wait_serving
 
 SERVICE = "/profilemesh.ingestion.v1.IngestionService"
 CLIENTS = 8
@@ -187,7 +186,7 @@ class Service:
 
     async def __aenter__(self) -> Service:
         try:
-            await self._wait_serving()
+            await wait_serving(self.target, self.process)
         except BaseException:
             self.stop()
             raise
@@ -195,23 +194,6 @@ class Service:
 
     async def __aexit__(self, *exc: object) -> None:
         self.stop()
-
-    async def _wait_serving(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        async with grpc.aio.insecure_channel(self.target) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while True:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"the service exited with {self.process.returncode}")
-                try:
-                    answer = await stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
-                    if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.aio.AioRpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{self.target} not serving after {timeout}s")
-                await asyncio.sleep(0.1)
 
     async def logged(self) -> int:
         """How many messages the service's ``events`` log holds (``GetOffsets``)."""

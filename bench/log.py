@@ -33,9 +33,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from profilemesh.ingestion.v1 import event_log_pb2, event_pb2
 from profilemesh.shared.log.api import Log, LogReader, type_url
 from profilemesh.shared.log.client import RemoteLog
@@ -45,7 +42,7 @@ from profilemesh.shared.log.segments import SEGMENT_SUFFIX
 from profilemesh.shared.settings import Endpoint, Endpoints, Settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Report, free_port, parse_args, percentile
+from harness import Report, free_port, parse_args, percentile, wait_serving
 
 PRODUCERS = 16
 BATCH = 500
@@ -213,26 +210,6 @@ async def _timed_read(reader: LogReader, partitions: int, expected: int) -> floa
     return elapsed
 
 
-async def _wait_serving(
-    target: str, process: subprocess.Popen[bytes], timeout: float = 60.0
-) -> None:
-    deadline = time.monotonic() + timeout
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the service exited with {process.returncode}")
-            try:
-                answer = await stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
-                if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{target} not serving after {timeout}s")
-            await asyncio.sleep(0.1)
-
-
 async def _bench_subscribe(root: Path, records: int, rounds: int, report: Report) -> None:
     port = free_port()
     data_dir = root / "data"
@@ -265,7 +242,7 @@ async def _bench_subscribe(root: Path, records: int, rounds: int, report: Report
     )
     try:
         target = f"127.0.0.1:{port}"
-        await _wait_serving(target, service)
+        await wait_serving(target, service)
         remote = RemoteLog(target, STREAMS["ingestion"][0], settings)
         try:
             ranges = await remote.offsets()  # connects, and checks the service sees it all

@@ -24,7 +24,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Report, free_port, parse_args, percentile
+from harness import Report, free_port, parse_args, percentile, wait_serving
 
 ECHO_METHOD = "/bench.Echo/Echo"
 IN_FLIGHT = 32
@@ -44,22 +44,6 @@ async def _serve_echo(port: int) -> None:
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     await server.wait_for_termination()
-
-
-async def _wait_serving(target: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            try:
-                answer = await stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
-                if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{target} not serving after {timeout}s")
-            await asyncio.sleep(0.1)
 
 
 async def _measure(
@@ -129,7 +113,7 @@ async def main() -> int:
         echo = subprocess.Popen([sys.executable, __file__, "--echo-server", str(echo_port)])
         try:
             service_target, echo_target = f"127.0.0.1:{service_port}", f"127.0.0.1:{echo_port}"
-            await _wait_serving(service_target)
+            await wait_serving(service_target, service)
             report = Report("rpc")
             await _bench("service_health", service_target, _health_call, calls, report.figures)
             await _bench_echo_when_up(echo_target, calls, report)

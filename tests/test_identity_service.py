@@ -17,40 +17,17 @@ from profilemesh.ingestion.v1 import (
     ingestion_service_pb2_grpc,
     record_pb2,
 )
-from profilemesh.services.runner import load_app
 from profilemesh.shared.channel import create_channel
 from profilemesh.shared.log.client import RemoteLog
-from profilemesh.shared.server import ServiceServer, create_server
-from profilemesh.shared.service_app import ServiceApp
 from profilemesh.shared.settings import Settings
-from tests.ingestion_service import RunningIngestion
-
-
-class RunningIdentity:
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.app: ServiceApp | None = None
-        self.server: ServiceServer | None = None
-
-    async def start(self) -> RunningIdentity:
-        self.app = load_app("identity", self.settings)
-        port = self.settings.services.identity.port
-        self.server, _ = create_server(self.app.bindings, self.settings, port=port)
-        await self.app.start()
-        await self.server.start()
-        return self
-
-    async def stop(self) -> None:
-        assert self.server is not None and self.app is not None
-        await self.server.stop(0)
-        await self.app.close()
+from tests.running_service import RunningIngestion, RunningService
 
 
 class Mesh:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.ingestion = RunningIngestion(settings, port=settings.services.ingestion.port)
-        self.identity = RunningIdentity(settings)
+        self.identity = RunningService(settings, "identity", settings.services.identity.port)
 
 
 @pytest.fixture

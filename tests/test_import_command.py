@@ -9,7 +9,7 @@ from pathlib import Path
 
 from profilemesh.ingestion.v1 import event_log_pb2
 from profilemesh.shared.settings import Settings
-from tests.ingestion_service import RunningIngestion
+from tests.running_service import RunningIngestion
 
 
 async def test_import_runs_a_connector_shows_progress_and_resumes_without_duplicates(

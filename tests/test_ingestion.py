@@ -24,7 +24,7 @@ from profilemesh.ingestion.v1 import (
 )
 from profilemesh.shared.channel import create_channel
 from profilemesh.shared.settings import IngestionSettings, Settings, StreamSettings
-from tests.ingestion_service import RunningIngestion
+from tests.running_service import RunningIngestion
 
 ACCEPTED = result_pb2.ITEM_STATUS_ACCEPTED
 DUPLICATE = result_pb2.ITEM_STATUS_DUPLICATE

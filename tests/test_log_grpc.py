@@ -14,7 +14,7 @@ from profilemesh.shared.log.api import OffsetOutOfRange
 from profilemesh.shared.log.client import RemoteLog
 from profilemesh.shared.log.hosting import HostedLog
 from profilemesh.shared.settings import Settings
-from tests.ingestion_service import RunningIngestion
+from tests.running_service import RunningIngestion
 
 
 @pytest.fixture

@@ -1,26 +1,28 @@
-"""The ingestion service run in this process on a real socket, for integration tests."""
+"""A service of the mesh run in this process on a real socket, for integration tests."""
 
 from __future__ import annotations
 
 from profilemesh.services.runner import load_app
 from profilemesh.shared.log.embedded import EmbeddedLog
+from profilemesh.shared.log.hosting import STREAMS
 from profilemesh.shared.log.servicer import LogServicer
 from profilemesh.shared.server import ServiceServer, create_server
 from profilemesh.shared.service_app import ServiceApp
 from profilemesh.shared.settings import Settings
 
 
-class RunningIngestion:
-    """``profilemesh serve ingestion`` in this process: start, stop, restart on one port."""
+class RunningService:
+    """``profilemesh serve <service>`` in this process: start, stop, restart on one port."""
 
-    def __init__(self, settings: Settings, port: int = 0) -> None:
+    def __init__(self, settings: Settings, service: str, port: int = 0) -> None:
         self.settings = settings
+        self.service = service
         self.port = port
         self.app: ServiceApp | None = None
         self.server: ServiceServer | None = None
 
-    async def start(self) -> RunningIngestion:
-        self.app = load_app("ingestion", self.settings)
+    async def start(self) -> RunningService:
+        self.app = load_app(self.service, self.settings)
         self.server, self.port = create_server(self.app.bindings, self.settings, port=self.port)
         await self.app.start()
         await self.server.start()
@@ -28,12 +30,13 @@ class RunningIngestion:
 
     @property
     def log(self) -> EmbeddedLog:
-        """The event log the service appends to."""
+        """The log the service produces (``events`` for ingestion ...)."""
         assert self.app is not None
         servicer = next(
             b.servicer for b in self.app.bindings if isinstance(b.servicer, LogServicer)
         )
-        return servicer.logs["events"]
+        stream, _ = STREAMS[self.service]
+        return servicer.logs[stream]
 
     @property
     def target(self) -> str:
@@ -48,3 +51,14 @@ class RunningIngestion:
     async def restart(self) -> None:
         await self.stop()
         await self.start()
+
+
+class RunningIngestion(RunningService):
+    """The ingestion service (its ``log`` is the event log)."""
+
+    def __init__(self, settings: Settings, port: int = 0) -> None:
+        super().__init__(settings, "ingestion", port)
+
+    async def start(self) -> RunningIngestion:
+        await super().start()
+        return self
