@@ -35,8 +35,13 @@ def free_port() -> int:
 
 
 def port_is_free(port: int) -> bool:
-    """Whether ``port`` can be bound again (nothing still listens on it)."""
+    """Whether nothing listens on ``port`` any more.
+
+    SO_REUSEADDR lets the bind ignore connections of a stopped server still in TIME_WAIT (they
+    hold no process); a listening socket still makes it fail.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
