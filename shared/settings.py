@@ -112,6 +112,10 @@ class IdentitySettings(BaseModel):
     rules_file: Path | None = None
     """A YAML file of identity rules; without one, the built-in defaults apply."""
 
+    match_min_records: int = Field(default=1000, ge=2)
+    """Customer records stored before the online matching model is first fitted (when the
+    rules enable matching); it is refitted each time their number doubles."""
+
 
 class Settings(BaseSettings):
     """Everything a profilemesh process can be configured with."""

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
 
 from profilemesh.common.v1 import identifier_pb2
 from profilemesh.identity.v1 import identity_service_pb2 as identity_pb2
-from profilemesh.identity.v1 import identity_service_pb2_grpc, resolution_log_pb2
+from profilemesh.identity.v1 import identity_service_pb2_grpc, merge_pb2, resolution_log_pb2
 from profilemesh.ingestion.v1 import (
     event_pb2,
     ingestion_service_pb2,
@@ -19,8 +20,9 @@ from profilemesh.ingestion.v1 import (
 )
 from profilemesh.shared.channel import create_channel
 from profilemesh.shared.log.client import RemoteLog
-from profilemesh.shared.settings import Settings
+from profilemesh.shared.settings import IdentitySettings, Settings
 from tests.running_service import RunningIngestion, RunningService
+from tests.test_matching import synthetic_people
 
 
 class Mesh:
@@ -215,3 +217,62 @@ async def test_records_are_linked_by_their_identifiers_and_matched_on_request(me
     assert matched.model.candidate_pairs >= 1
     for match in matched.matches:
         assert match.comparisons  # every accepted pair is explained
+
+
+async def test_records_without_a_shared_key_are_matched_as_they_arrive(
+    mesh_settings: Settings, tmp_path: Path
+) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("matching:\n  enabled: true\n")
+    settings = mesh_settings.model_copy(
+        update={"identity": IdentitySettings(rules_file=rules, match_min_records=60)}
+    )
+    running = Mesh(settings)
+    await running.ingestion.start()
+    await running.identity.start()
+    try:
+        rows, truth = synthetic_people(seed=21, people=120)
+        records = []
+        for row in rows:
+            record = record_pb2.CustomerRecord(source="shop", record_id=row["id"])
+            # No email or phone: nothing deterministic links the duplicates.
+            record.attributes.update(
+                {k: v for k, v in row.items() if k not in ("id", "email", "phone") and v}
+            )
+            records.append(record)
+        async with create_channel(settings.services.ingestion.target, settings) as channel:
+            stub = ingestion_service_pb2_grpc.IngestionServiceStub(channel)
+            # The first records fit the model; the rest are matched one batch at a time.
+            for start in range(0, len(records), 20):
+                await stub.ImportRecords(
+                    ingestion_service_pb2.ImportRecordsRequest(records=records[start : start + 20])
+                )
+        profile = {
+            row["id"]: await _resolve(settings, "crm_id", f"shop:{row['id']}") for row in rows
+        }
+        together = {frozenset((a, b)) for a, b in truth if profile[a] == profile[b]}
+        assert len(together) >= 0.8 * len(truth), (len(together), len(truth))
+        ids = sorted(profile)
+        wrongly = [
+            (a, b)
+            for i, a in enumerate(ids)
+            for b in ids[i + 1 :]
+            if profile[a] == profile[b] and frozenset((a, b)) not in truth
+        ]
+        assert len(wrongly) <= 0.05 * len(truth), wrongly
+        some_duplicate = next(iter(together))
+        a, _ = tuple(some_duplicate)
+        async with create_channel(settings.services.identity.target, settings) as channel:
+            stub = identity_service_pb2_grpc.IdentityServiceStub(channel)
+            history = await stub.ListMerges(identity_pb2.ListMergesRequest(profile_id=profile[a]))
+            rules = await stub.GetIdentityRules(identity_pb2.GetIdentityRulesRequest())
+        assert rules.matching_model_records >= 60
+        assert rules.matching_model.levels
+        probabilistic = [
+            m for m in history.merges if m.origin == merge_pb2.MERGE_ORIGIN_PROBABILISTIC
+        ]
+        assert probabilistic
+        assert all(m.evidence.match_probability >= 0.95 for m in probabilistic)
+    finally:
+        await running.identity.stop()
+        await running.ingestion.stop()

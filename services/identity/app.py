@@ -14,7 +14,11 @@ from profilemesh.shared.settings import Settings
 
 def build_app(settings: Settings) -> ServiceApp:
     """The identity service with its data under ``<data_dir>/identity``."""
-    domain = Identity(settings.service_data_dir("identity"), settings.identity.rules_file)
+    domain = Identity(
+        settings.service_data_dir("identity"),
+        settings.identity.rules_file,
+        match_min_records=settings.identity.match_min_records,
+    )
     app = ServiceApp(
         name="identity",
         bindings=[

@@ -21,6 +21,7 @@ from typing import TypeVar
 from profilemesh.services.identity import messages
 from profilemesh.services.identity.graph import IdentityGraph, MergeOutcome, UnmergeOutcome
 from profilemesh.services.identity.identifiers import Identifier
+from profilemesh.services.identity.record_matching import RecordMatcher
 from profilemesh.services.identity.resolver import Resolver, entry_bytes
 from profilemesh.services.identity.rules import Rules
 from profilemesh.services.identity.store import GraphStore
@@ -40,9 +41,12 @@ CONSUMER = "identity"
 class Identity:
     """The identity service's state under ``data_dir``; usable once :meth:`open` ran."""
 
-    def __init__(self, data_dir: Path, rules_file: Path | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, rules_file: Path | None = None, *, match_min_records: int = 1000
+    ) -> None:
         self.data_dir = data_dir
         self.rules_file = rules_file
+        self.matcher = RecordMatcher(match_min_records)
         self.lock = threading.Lock()
         self._graph: IdentityGraph | None = None
         self._store: SqliteConsumerStore | None = None
@@ -67,6 +71,8 @@ class Identity:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         store = SqliteConsumerStore(self.data_dir / "identity.sqlite")
         store.schema(GraphStore.schema())
+        store.schema(RecordMatcher.schema())
+        store.read(self.matcher.load)
         rules = store.read(GraphStore.load_rules)
         if rules is None:
             rules = Rules.from_yaml(self.rules_file) if self.rules_file else Rules()
@@ -79,7 +85,7 @@ class Identity:
             CONSUMER,
             events,
             store,  # type: ignore[arg-type]
-            Resolver(graph, self.lock, outbox),  # type: ignore[arg-type]
+            Resolver(graph, self.lock, outbox, self.matcher),  # type: ignore[arg-type]
             on_applied=lambda _: outbox.notify(),
         )
         self._store, self._graph, self._outbox, self._consumer = store, graph, outbox, consumer

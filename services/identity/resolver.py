@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
 from typing import Any
 
 from google.protobuf.message import DecodeError
@@ -19,9 +20,17 @@ from google.protobuf.message import DecodeError
 from profilemesh.identity.v1 import resolution_log_pb2
 from profilemesh.ingestion.v1 import event_log_pb2
 from profilemesh.services.identity import messages
-from profilemesh.services.identity.extraction import extract, summarize
-from profilemesh.services.identity.graph import IdentityGraph
+from profilemesh.services.identity.extraction import RECORD, Evidence, extract, summarize
+from profilemesh.services.identity.graph import IdentityGraph, LinkOutcome
 from profilemesh.services.identity.identifiers import Identifier
+from profilemesh.services.identity.matching.settings import MatchSettings
+from profilemesh.services.identity.record_matching import (
+    IncomingRecord,
+    RecordMatch,
+    RecordMatcher,
+    anchor_of,
+    settings_of,
+)
 from profilemesh.services.identity.store import GraphStore
 from profilemesh.shared.log.api import RecordBatch
 from profilemesh.shared.log.outbox import Outbox
@@ -38,14 +47,31 @@ def entry_bytes(entry: resolution_log_pb2.ResolutionEntry) -> bytes:
 class Resolver:
     """The event-log consumer's handler: link, persist, publish."""
 
-    def __init__(self, graph: IdentityGraph, lock: threading.Lock, outbox: Outbox) -> None:
+    def __init__(
+        self,
+        graph: IdentityGraph,
+        lock: threading.Lock,
+        outbox: Outbox,
+        matcher: RecordMatcher | None = None,
+    ) -> None:
         self.graph = graph
         self.lock = lock
         self.outbox = outbox
+        self.matcher = matcher or RecordMatcher()
+        self._settings_for: object = None
+        self._settings: MatchSettings | None = None
+
+    def match_settings(self) -> MatchSettings | None:
+        """The online matching settings of the rules in force (``None``: matching is off)."""
+        matching = self.graph.rules.matching
+        if matching is not self._settings_for:
+            self._settings, self._settings_for = settings_of(matching), matching
+        return self._settings
 
     def __call__(self, tx: sqlite3.Connection, batch: RecordBatch) -> None:
         published: list[tuple[str, bytes]] = []
         recent: list[tuple[str, Identifier, Any]] = []
+        records: list[IncomingRecord] = []
         with self.lock:
             for index, payload in enumerate(batch.payload_list()):
                 try:
@@ -55,7 +81,10 @@ class Resolver:
                         "skipped an undecodable item at offset %d", batch.base_offset + index
                     )
                     continue
-                self._resolve(item, batch.partition, batch.base_offset + index, published, recent)
+                self._resolve(
+                    item, batch.partition, batch.base_offset + index, published, recent, records
+                )
+            self._match(tx, records, published)
             GraphStore.save(tx, self.graph.drain_changes())
             GraphStore.append_recent_events(tx, recent)
         self.outbox.put(tx, published)
@@ -67,19 +96,21 @@ class Resolver:
         offset: int,
         published: list[tuple[str, bytes]],
         recent: list[tuple[str, Identifier, Any]],
+        records: list[IncomingRecord],
     ) -> None:
         graph = self.graph
         evidence = extract(item, graph.rules, graph.knows)
         outcome = graph.link(evidence)
         when = evidence.occurred_at
-        for record in (*outcome.merged, *outcome.refused):
-            if record in outcome.refused:
-                continue  # refusals are in ListMerges; nothing downstream changes
-            published.append(
-                (record.surviving_profile_id, entry_bytes(messages.merge_entry(record)))
-            )
+        self._publish_merges(outcome, published)
         if outcome.profile_id is None:
             return  # nothing identifies the person (all identifiers blocked or none)
+        if evidence.kind == RECORD and self.match_settings() is not None:
+            anchor = anchor_of(outcome.identifiers)
+            if anchor is not None:
+                records.append(
+                    IncomingRecord(anchor, evidence.traits, evidence.identifiers, outcome.created)
+                )
         entry = resolution_log_pb2.ResolutionEntry(
             event_resolved=resolution_log_pb2.EventResolved(
                 profile_id=outcome.profile_id,
@@ -92,17 +123,58 @@ class Resolver:
             occurred_at=messages.timestamp(when),
         )
         published.append((outcome.profile_id, entry_bytes(entry)))
-        if outcome.traits is not None and outcome.traits.changed:
-            change = outcome.traits
-            published.append(
-                (
-                    change.profile_id,
-                    entry_bytes(
-                        messages.traits_entry(
-                            change.profile_id, change.traits, change.changed, when
-                        )
-                    ),
-                )
-            )
+        self._publish_traits(outcome, when, published)
         if outcome.anchor is not None:
             recent.append((outcome.profile_id, outcome.anchor, summarize(item)))
+
+    def _match(
+        self,
+        tx: sqlite3.Connection,
+        records: list[IncomingRecord],
+        published: list[tuple[str, bytes]],
+    ) -> None:
+        """Store the batch's records for matching, refit when due, and link what matches."""
+        settings = self.match_settings()
+        if settings is None or not records:
+            return
+        matcher = self.matcher
+        matcher.store(tx, records, settings)
+        for match in [*matcher.refit_if_due(tx, settings), *matcher.match(tx, records, settings)]:
+            self._link_match(match, published)
+
+    def _link_match(self, match: RecordMatch, published: list[tuple[str, bytes]]) -> None:
+        """Link two records the model matched, unless they are one profile already."""
+        graph = self.graph
+        mine, other = graph.resolve(match.anchor), graph.resolve(match.other)
+        if mine is None or other is None or mine == other:
+            return
+        when = time.time_ns()
+        outcome = graph.link(
+            Evidence(
+                identifiers=(match.anchor, match.other),
+                source="record_matching",
+                occurred_at=when,
+                record_id=match.anchor.value,
+                kind=RECORD,
+                match_probability=match.probability,
+            )
+        )
+        self._publish_merges(outcome, published)
+        self._publish_traits(outcome, when, published)
+
+    @staticmethod
+    def _publish_merges(outcome: LinkOutcome, published: list[tuple[str, bytes]]) -> None:
+        # Refusals are in ListMerges; nothing downstream changes.
+        for record in outcome.merged:
+            published.append(
+                (record.surviving_profile_id, entry_bytes(messages.merge_entry(record)))
+            )
+
+    @staticmethod
+    def _publish_traits(
+        outcome: LinkOutcome, when: int, published: list[tuple[str, bytes]]
+    ) -> None:
+        change = outcome.traits
+        if change is not None and change.changed:
+            entry = messages.traits_entry(change.profile_id, change.traits, change.changed, when)
+            published.append((change.profile_id, entry_bytes(entry)))

@@ -20,6 +20,7 @@ from profilemesh.services.identity.matching.defaults import DEFAULT
 from profilemesh.services.identity.matching.proto import (
     RECORD_ID_COLUMN,
     SOURCE_COLUMN,
+    model_to_proto,
     records_from_proto,
     result_to_proto,
     settings_from_proto,
@@ -168,7 +169,12 @@ class IdentityServicer(identity_service_pb2_grpc.IdentityServiceServicer):
     async def GetIdentityRules(
         self, request: service_pb2.GetIdentityRulesRequest, context: Any
     ) -> service_pb2.GetIdentityRulesResponse:
-        return service_pb2.GetIdentityRulesResponse(rules=self.domain.graph.rules.to_proto())
+        response = service_pb2.GetIdentityRulesResponse(rules=self.domain.graph.rules.to_proto())
+        model = self.domain.matcher.model
+        if model is not None:
+            response.matching_model.CopyFrom(model_to_proto(model.summary))
+            response.matching_model_records = model.records
+        return response
 
     async def UpdateIdentityRules(
         self, request: service_pb2.UpdateIdentityRulesRequest, context: Any
@@ -182,9 +188,13 @@ class IdentityServicer(identity_service_pb2_grpc.IdentityServiceServicer):
     ) -> service_pb2.MatchRecordsResponse:
         if len(request.records) < 2:
             raise InvalidArgument.for_field("records", "at least two records are needed")
-        settings = (
-            settings_from_proto(request.settings) if request.HasField("settings") else DEFAULT
-        )
+        configured = self.domain.graph.rules.matching
+        if request.HasField("settings"):
+            settings = settings_from_proto(request.settings)
+        elif configured is not None and configured.comparisons:
+            settings = settings_from_proto(configured, field="rules.matching")
+        else:
+            settings = DEFAULT
         if request.HasField("threshold"):
             if not 0 < request.threshold < 1:
                 raise InvalidArgument.for_field("threshold", "must be between 0 and 1")

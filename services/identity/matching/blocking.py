@@ -70,7 +70,7 @@ def transform_value(key: BlockingKey, value: str | None) -> str | None:
     return value
 
 
-def _rule_keys(rule: BlockingRule, records: RecordSet, *, right_side: bool) -> list[str | None]:
+def rule_keys(rule: BlockingRule, records: RecordSet, *, right_side: bool) -> list[str | None]:
     columns = []
     for key in rule.keys:
         attribute = key.other_attribute if right_side and key.other_attribute else key.attribute
@@ -147,7 +147,7 @@ def candidate_pairs(
     oversized: list[str] = []
     for rule in rules:
         left_codes, right_codes = _encode(
-            _rule_keys(rule, left, right_side=False), _rule_keys(rule, other, right_side=True)
+            rule_keys(rule, left, right_side=False), rule_keys(rule, other, right_side=True)
         )
         # Count before materialising, so a hopeless rule fails fast instead of eating memory.
         right_sorted = np.sort(right_codes)

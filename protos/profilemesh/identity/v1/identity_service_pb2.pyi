@@ -400,18 +400,30 @@ class GetIdentityRulesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RULES_FIELD_NUMBER: _builtins.int
+    MATCHING_MODEL_FIELD_NUMBER: _builtins.int
+    MATCHING_MODEL_RECORDS_FIELD_NUMBER: _builtins.int
+    matching_model_records: _builtins.int
+    """Number of customer records the matching model was fitted on."""
     @_builtins.property
     def rules(self) -> _identity_rules_pb2.IdentityRules:
         """The rules in force."""
+
+    @_builtins.property
+    def matching_model(self) -> _matching_pb2.MatchingModel:
+        """The model online record matching scores with (m and u of every level, the prior), once
+        enough records arrived to fit it; unset while matching is off or not fitted yet.
+        """
 
     def __init__(
         self,
         *,
         rules: _identity_rules_pb2.IdentityRules | None = ...,
+        matching_model: _matching_pb2.MatchingModel | None = ...,
+        matching_model_records: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["rules", b"rules"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["matching_model", b"matching_model", "rules", b"rules"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["rules", b"rules"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["matching_model", b"matching_model", "matching_model_records", b"matching_model_records", "rules", b"rules"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
