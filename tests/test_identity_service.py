@@ -174,6 +174,14 @@ async def test_manual_merge_and_unmerge_restore_both_profiles(mesh: Mesh) -> Non
     assert {m.reason for m in history.merges} >= {"support ticket", "wrong merge"}
     assert await _resolve(settings, "anonymous_id", "dev-3") == third
     assert await _resolve(settings, "anonymous_id", "dev-4") == fourth
+    # The resolution log says which identifiers went where, for consumers to split state.
+    entries = await _resolutions(settings, 4)
+    [unmerged] = [e.profile_unmerged for e in entries if e.HasField("profile_unmerged")]
+    members = {
+        p.profile_id: {(i.type, i.value) for i in p.identifiers}
+        for p in unmerged.resulting_profiles
+    }
+    assert members == {third: {("anonymous_id", "dev-3")}, fourth: {("anonymous_id", "dev-4")}}
 
 
 async def test_the_graph_survives_a_restart(mesh: Mesh) -> None:

@@ -170,10 +170,14 @@ class Identity:
     ) -> UnmergeOutcome:
         """Split identifiers off a profile."""
 
+        graph = self.graph
+
         def publish(outcome: UnmergeOutcome) -> list[tuple[str, bytes]]:
             record = outcome.record
             original = record.profile_ids[0] if record.profile_ids else ""
-            entries = [(original, entry_bytes(messages.merge_entry(record)))]
+            # Runs under the graph's lock, so the members are those right after the split.
+            members = {p: graph.identifiers_of(p) for p in record.resulting_profile_ids}
+            entries = [(original, entry_bytes(messages.merge_entry(record, members)))]
             for t in outcome.traits:
                 entry = messages.traits_entry(t.profile_id, t.traits, t.changed, record.occurred_at)
                 entries.append((t.profile_id, entry_bytes(entry)))

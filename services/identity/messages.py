@@ -81,16 +81,27 @@ def merge_record(record: MergeRecord) -> merge_pb2.MergeRecord:
     return message
 
 
-def merge_entry(record: MergeRecord) -> resolution_log_pb2.ResolutionEntry:
-    """The resolution log's entry for a merge or an unmerge."""
+def merge_entry(
+    record: MergeRecord, members: Mapping[str, Iterable[Identifier]] | None = None
+) -> resolution_log_pb2.ResolutionEntry:
+    """The resolution log's entry for a merge or an unmerge (``members``: the identifiers of
+    each profile an unmerge resulted in)."""
     entry = resolution_log_pb2.ResolutionEntry(occurred_at=timestamp(record.occurred_at))
     if record.kind == MergeKind.UNMERGE:
+        members = members or {}
         entry.profile_unmerged.CopyFrom(
             resolution_log_pb2.ProfileUnmerged(
                 original_profile_id=record.profile_ids[0] if record.profile_ids else "",
                 resulting_profile_ids=record.resulting_profile_ids,
                 reason=record.reason,
                 merge_id=record.merge_id,
+                resulting_profiles=[
+                    resolution_log_pb2.ResultingProfile(
+                        profile_id=profile_id,
+                        identifiers=[identifier(i) for i in members.get(profile_id, ())],
+                    )
+                    for profile_id in record.resulting_profile_ids
+                ],
             )
         )
     else:

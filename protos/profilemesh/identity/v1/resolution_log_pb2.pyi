@@ -197,6 +197,7 @@ class ProfileUnmerged(_message.Message):
     RESULTING_PROFILE_IDS_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     MERGE_ID_FIELD_NUMBER: _builtins.int
+    RESULTING_PROFILES_FIELD_NUMBER: _builtins.int
     original_profile_id: _builtins.str
     """The profile that was split."""
     reason: _builtins.str
@@ -209,6 +210,12 @@ class ProfileUnmerged(_message.Message):
         original id when it is not listed.
         """
 
+    @_builtins.property
+    def resulting_profiles(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResultingProfile]:
+        """Each resulting profile with its identifiers, so that consumers can tell which of their
+        items (keyed by identifier) now belong to which profile.
+        """
+
     def __init__(
         self,
         *,
@@ -216,14 +223,43 @@ class ProfileUnmerged(_message.Message):
         resulting_profile_ids: _abc.Iterable[_builtins.str] | None = ...,
         reason: _builtins.str = ...,
         merge_id: _builtins.str = ...,
+        resulting_profiles: _abc.Iterable[Global___ResultingProfile] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["merge_id", b"merge_id", "original_profile_id", b"original_profile_id", "reason", b"reason", "resulting_profile_ids", b"resulting_profile_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["merge_id", b"merge_id", "original_profile_id", b"original_profile_id", "reason", b"reason", "resulting_profile_ids", b"resulting_profile_ids", "resulting_profiles", b"resulting_profiles"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ProfileUnmerged: _TypeAlias = ProfileUnmerged  # noqa: Y015
+
+@_typing.final
+class ResultingProfile(_message.Message):
+    """One of the profiles an unmerge produced."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROFILE_ID_FIELD_NUMBER: _builtins.int
+    IDENTIFIERS_FIELD_NUMBER: _builtins.int
+    profile_id: _builtins.str
+    """The profile id."""
+    @_builtins.property
+    def identifiers(self) -> _containers.RepeatedCompositeFieldContainer[_identifier_pb2.Identifier]:
+        """Every identifier of the profile after the split."""
+
+    def __init__(
+        self,
+        *,
+        profile_id: _builtins.str = ...,
+        identifiers: _abc.Iterable[_identifier_pb2.Identifier] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["identifiers", b"identifiers", "profile_id", b"profile_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResultingProfile: _TypeAlias = ResultingProfile  # noqa: Y015
 
 @_typing.final
 class TraitsChanged(_message.Message):
