@@ -117,6 +117,13 @@ class IdentitySettings(BaseModel):
     rules enable matching); it is refitted each time their number doubles."""
 
 
+class FeaturesSettings(BaseModel):
+    """Where the features service's definitions come from at first start (later: by RPC)."""
+
+    definitions_file: Path | None = None
+    """A YAML file of feature definitions added to the built-in ones."""
+
+
 class Settings(BaseSettings):
     """Everything a profilemesh process can be configured with."""
 
@@ -137,6 +144,7 @@ class Settings(BaseSettings):
     streams: StreamSettings = StreamSettings()
     ingestion: IngestionSettings = IngestionSettings()
     identity: IdentitySettings = IdentitySettings()
+    features: FeaturesSettings = FeaturesSettings()
 
     grace_seconds: float = Field(default=5.0, ge=0)
     """On SIGTERM, how long in-flight calls may finish before they are cancelled."""

@@ -46,6 +46,21 @@ IMPLEMENTED = {
             "MatchRecords",
         )
     ),
+    *(
+        f"/profilemesh.features.v1.FeaturesService/{name}"
+        for name in (
+            "GetFeatures",
+            "BatchGetFeatures",
+            "GetHistoricalFeatures",
+            "CreateFeatureDefinition",
+            "GetFeatureDefinition",
+            "ListFeatureDefinitions",
+            "DeleteFeatureDefinition",
+            "StartBackfill",
+            "GetBackfill",
+            "GetLifetimeValueModel",
+        )
+    ),
 }
 """Full method names that do real work; grows as the services are built."""
 

@@ -1,19 +1,24 @@
-"""Assembles the features service: domain, servicers and lifecycle."""
+"""Assembles the features service: it follows identity's resolution log, hosts the
+feature-change log, and resolves identifiers through identity."""
 
 from __future__ import annotations
 
 from profilemesh.features.v1 import features_service_pb2, features_service_pb2_grpc
 from profilemesh.services.features.domain import Features
+from profilemesh.services.features.identity_lookup import IdentityLookup
 from profilemesh.services.features.servicer import FeaturesServicer
-from profilemesh.shared.log.hosting import host_log
+from profilemesh.shared.channel import channel_to
+from profilemesh.shared.log.hosting import host_log, remote_log
 from profilemesh.shared.server import bind
 from profilemesh.shared.service_app import ServiceApp
 from profilemesh.shared.settings import Settings
 
 
 def build_app(settings: Settings) -> ServiceApp:
-    """The features service with its domain and log under ``<data_dir>/features``."""
-    domain = Features(settings.service_data_dir("features"))
+    """The features service with its data under ``<data_dir>/features``."""
+    domain = Features(settings.service_data_dir("features"), settings.features.definitions_file)
+    # Created on first use, inside the server's event loop.
+    identity = IdentityLookup(lambda: channel_to("identity", settings))
     app = ServiceApp(
         name="features",
         bindings=[
@@ -21,9 +26,23 @@ def build_app(settings: Settings) -> ServiceApp:
                 features_service_pb2,
                 features_service_pb2_grpc,
                 "FeaturesService",
-                FeaturesServicer(domain),
+                FeaturesServicer(domain, identity),
             )
         ],
     )
-    host_log(app, settings)
+    hosted = host_log(app, settings)
+    resolutions = remote_log(settings, "identity")
+
+    async def open_domain() -> None:
+        await domain.open(hosted.log, resolutions)
+
+    async def close_clients() -> None:
+        await resolutions.close()
+        await identity.close()
+
+    # Start-up hooks run in order and clean-up hooks in reverse: the domain opens after its
+    # log and closes before it.
+    app.startup.append(open_domain)
+    app.cleanup.insert(0, close_clients)
+    app.cleanup.append(domain.close)
     return app

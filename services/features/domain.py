@@ -1,16 +1,314 @@
-"""The features domain: the service's state and rules, with no gRPC in sight.
+"""The features domain as a whole: definitions, streaming state, the event store, the consumer
+of the resolution log and the outbox of the feature-change log.
 
-Empty for now: each RPC's behaviour lands here as it is built, and the servicer stays a thin
-translation between protobuf and these objects.
+The state lives in memory and changes only under ``lock``: by the consumer (in its worker
+thread) and by backfills, which rebuild profiles a chunk at a time so that online reads and the
+consumer never wait long.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from profilemesh.services.features import batch, lifetime_value
+from profilemesh.services.features.applier import Applier
+from profilemesh.services.features.definitions import FeatureDefinition, FeatureSet
+from profilemesh.services.features.event_store import VIEW, EventStore
+from profilemesh.services.features.lifetime_value import LifetimeValueModel
+from profilemesh.services.features.registry import Registry
+from profilemesh.services.features.state import ProfileState
+from profilemesh.services.features.state_table import StateTable
+from profilemesh.shared.errors import NotFound, Unavailable
+from profilemesh.shared.log.api import LogReader
+from profilemesh.shared.log.consumer import LogConsumer
+from profilemesh.shared.log.embedded import EmbeddedLog
+from profilemesh.shared.log.outbox import Outbox
+from profilemesh.shared.log.sqlite_store import SqliteConsumerStore
+
+log = logging.getLogger(__name__)
+
+CONSUMER = "features"
+STREAM = "resolutions"
+LIFETIME_VALUE_REFIT_NS = 3600 * 1_000_000_000
+"""The lifetime value model is refitted when it is older than this and asked for."""
+BACKFILL_CHUNK = 2_000
+"""Profiles rebuilt per step of a backfill (the lock is held for one step)."""
+
+
+class BackfillJob:
+    """Progress of one backfill, as GetBackfill reports it."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.job_id = uuid.uuid4().hex[:16]
+        self.feature_names = list(names)
+        self.state = "PENDING"
+        self.progress = 0.0
+        self.events_processed = 0
+        self.profiles_updated = 0
+        self.error = ""
+        self.created_at = time.time_ns()
+        self.started_at = 0
+        self.finished_at = 0
 
 
 class Features:
-    """The features service's domain state, kept under its own data directory."""
+    """The features service's state under ``data_dir``; usable once :meth:`open` ran."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, definitions_file: Path | None = None) -> None:
         self.data_dir = data_dir
+        self.definitions_file = definitions_file
+        self.lock = threading.Lock()
+        self.registry = Registry()
+        self.states = StateTable()
+        self.jobs: dict[str, BackfillJob] = {}
+        self.lifetime_value: LifetimeValueModel | None = None
+        self._fit_lock = threading.Lock()
+        self._store: SqliteConsumerStore | None = None
+        self._events: EventStore | None = None
+        self._outbox: Outbox | None = None
+        self._consumer: LogConsumer[object] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def store(self) -> SqliteConsumerStore:
+        if self._store is None:
+            raise Unavailable("features is starting or stopping")
+        return self._store
+
+    @property
+    def events(self) -> EventStore:
+        if self._events is None:
+            raise Unavailable("features is starting or stopping")
+        return self._events
+
+    @property
+    def feature_set(self) -> FeatureSet:
+        return self.registry.feature_set
+
+    async def open(self, changes: EmbeddedLog, resolutions: LogReader) -> None:
+        """Load definitions and states, then follow the resolution log."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        store = SqliteConsumerStore(self.data_dir / "features.sqlite")
+        store.schema(Registry.schema())
+        store.schema(StateTable.schema())
+        events = EventStore(self.data_dir / "events.duckdb")
+        discarded = events.discard_uncommitted(store.committed(CONSUMER, STREAM))
+        if discarded:
+            log.info("discarded %d events of a batch that never committed", discarded)
+        store.read(lambda c: self.registry.load(c, self.definitions_file))
+        await asyncio.to_thread(store.read, self.states.load)
+        outbox = Outbox(store, changes)
+        consumer: LogConsumer[object] = LogConsumer(
+            CONSUMER,
+            resolutions,
+            store,  # type: ignore[arg-type]
+            Applier(self.registry, self.states, events, outbox, self.lock),  # type: ignore[arg-type]
+            on_applied=lambda _: outbox.notify(),
+        )
+        self._store, self._events, self._outbox, self._consumer = store, events, outbox, consumer
+        self._tasks = [
+            asyncio.create_task(self._supervise("outbox", outbox.run)),
+            asyncio.create_task(self._supervise("consumer", consumer.run)),
+        ]
+        pending = self.registry.backfilling()
+        if pending:  # a backfill was cut short by a restart: run it again
+            self.start_backfill(pending)
+        threading.Thread(target=self.fit_lifetime_value, name="clv-fit", daemon=True).start()
+
+    async def _supervise(self, name: str, run: Callable[[], object]) -> None:
+        try:
+            await run()  # type: ignore[misc]
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # The in-memory state may no longer match the store: restart from what committed.
+            log.exception("features %s failed; stopping the service", name)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    async def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.stop()
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._outbox is not None:
+            try:
+                await self._outbox.flush()
+            except Exception:  # what stays queued is published at the next start
+                log.exception("publishing the outbox at shutdown failed")
+        if self._store is not None:
+            self._store.close()
+        if self._events is not None:
+            self._events.close()
+        self._store = self._events = self._outbox = self._consumer = None
+
+    async def lag(self) -> dict[int, int]:
+        if self._consumer is None:
+            raise Unavailable("features is starting or stopping")
+        return await self._consumer.lag()
+
+    # -- online -------------------------------------------------------------------------------
+
+    def online_values(
+        self, profile_id: str, names: Sequence[str], as_of_ns: int | None = None
+    ) -> tuple[str, dict[str, Any], int]:
+        """The live id of ``profile_id``, its values of ``names`` (all served ones when empty)
+        and the time they describe. :class:`NotFound` for a profile features never saw."""
+        model = self.lifetime_value
+        predicted = [n for n in names if n in lifetime_value.OUTPUTS]
+        if not names and model is not None:
+            predicted = list(lifetime_value.OUTPUTS)
+        rest = [n for n in names if n not in predicted]
+        wanted = self.registry.served_names(rest) if rest or not names else []
+        now = time.time_ns() if as_of_ns is None else as_of_ns
+        feature_set = self.registry.feature_set
+        with self.lock:
+            live = self.states.canonical(profile_id)
+            if not self.states.has(live):
+                raise NotFound(
+                    "no such profile", violations=[("profile_id", "features has no events of it")]
+                )
+            state = self.states.state(live)
+            assert state is not None
+            values = state.values(feature_set, now, wanted) if wanted else {}
+            if predicted:
+                inputs = state.values(feature_set, now, lifetime_value.INPUTS)
+        if predicted:
+            outputs = model.predict(inputs) if model is not None else {}
+            values.update({name: outputs.get(name) for name in predicted})
+        ordered = [n.partition("@")[0] for n in names] if names else [*wanted, *predicted]
+        return live, {name: values.get(name) for name in ordered}, now
+
+    def fit_lifetime_value(self, force: bool = False) -> LifetimeValueModel | None:
+        """(Re)fit the lifetime value model when it is missing or old; the model in use."""
+        with self._fit_lock:
+            model = self.lifetime_value
+            try:
+                fresh = (
+                    model is not None
+                    and time.time_ns() - model.fit_time_ns < LIFETIME_VALUE_REFIT_NS
+                    and lifetime_value.purchases(self.events) < 1.1 * model.purchases
+                )
+                if fresh and not force:
+                    return model
+                fitted = lifetime_value.fit(self.events)
+            except (ValueError, Unavailable) as error:  # degenerate data or shutting down
+                log.warning("lifetime value model not fitted: %s", error)
+                return model
+            if fitted is not None:
+                self.lifetime_value = fitted
+            return self.lifetime_value
+
+    # -- offline ------------------------------------------------------------------------------
+
+    def historical(self, entity_rows: pa.Table, names: Sequence[str]) -> pa.Table:
+        """Each entity row's features as of its timestamp (point-in-time correct)."""
+        wanted = self.registry.served_names(names, at_least_one=True)
+        with self.lock:
+            redirects = {
+                p: self.states.canonical(p)
+                for p in set(entity_rows.column("profile_id").to_pylist())
+                if p is not None
+            }
+        return batch_point_in_time(
+            self.events, self.registry.feature_set, entity_rows, wanted, redirects
+        )
+
+    def batch_values(self, as_of_ns: int) -> pa.Table:
+        """Every profile's features as of one time, computed from the event store (DuckDB)."""
+        with self.events.reader() as cursor:
+            return batch.batch_values(cursor, VIEW, self.registry.feature_set, as_of_ns)
+
+    # -- definitions and backfills ---------------------------------------------------------------
+
+    async def create_definition(self, definition: FeatureDefinition) -> tuple[Any, BackfillJob]:
+        """Store a new definition (or version) and backfill it from the event store."""
+        stored = await asyncio.to_thread(self._create_definition, definition)
+        job = self.start_backfill([stored.name])
+        return stored, job
+
+    def _create_definition(self, definition: FeatureDefinition) -> FeatureDefinition:
+        with self.lock, self.store.transaction() as tx:
+            return self.registry.create(tx, definition)
+
+    async def delete_definition(self, name: str, version: int) -> None:
+        def run() -> None:
+            with self.lock, self.store.transaction() as tx:
+                self.registry.delete(tx, name, version)
+
+        await asyncio.to_thread(run)
+
+    def start_backfill(self, names: Sequence[str]) -> BackfillJob:
+        """Recompute every profile's state from the event store, in the background."""
+        job = BackfillJob(names or [d.name for d in self.registry.feature_set.definitions])
+        self.jobs[job.job_id] = job
+        threading.Thread(target=self._backfill, args=(job,), name="backfill", daemon=True).start()
+        return job
+
+    def _backfill(self, job: BackfillJob) -> None:
+        job.state, job.started_at = "RUNNING", time.time_ns()
+        try:
+            profiles = self.events.profile_ids()
+            for start in range(0, len(profiles), BACKFILL_CHUNK):
+                chunk = profiles[start : start + BACKFILL_CHUNK]
+                # Under the lock, the event store holds exactly what the states reflect, so
+                # nothing the consumer applies meanwhile is lost or counted twice.
+                with self.lock, self.store.transaction() as tx:
+                    feature_set = self.registry.feature_set
+                    rebuilt: dict[str, ProfileState] = {}
+                    for profile_id, events in self.events.events_of(chunk).items():
+                        state = ProfileState()
+                        for event in events:
+                            state.apply(event, feature_set)
+                        rebuilt[profile_id] = state
+                        job.events_processed += len(events)
+                    self.states.replace(rebuilt)
+                    self.states.save(tx)
+                job.profiles_updated += len(chunk)
+                job.progress = min(1.0, (start + len(chunk)) / max(1, len(profiles)))
+            with self.lock, self.store.transaction() as tx:
+                self.registry.activate(tx, job.feature_names)
+            job.state, job.progress = "SUCCEEDED", 1.0
+        except Exception as error:  # reported by GetBackfill; the definitions stay BACKFILLING
+            log.exception("backfill %s failed", job.job_id)
+            job.state, job.error = "FAILED", str(error)
+        finally:
+            job.finished_at = time.time_ns()
+
+
+def batch_point_in_time(
+    events: EventStore,
+    feature_set: FeatureSet,
+    entity_rows: pa.Table,
+    names: Sequence[str],
+    redirects: dict[str, str],
+) -> pa.Table:
+    """Point-in-time values of ``names`` for entity rows (``profile_id``, ``event_timestamp``)."""
+    profile_ids = [redirects.get(p, p) for p in entity_rows.column("profile_id").to_pylist()]
+    stamps = entity_rows.column("event_timestamp").cast(pa.timestamp("ns", tz="UTC"))
+    keys = pa.table(
+        {
+            "profile_id": pa.array(profile_ids, pa.string()),
+            "timestamp_ns": stamps.cast(pa.int64()),
+        }
+    )
+    with events.reader() as cursor:
+        values = batch.point_in_time_values(cursor, VIEW, feature_set, keys, names=list(names))
+    feature_columns = {name: values.column(name) for name in names}
+    result = entity_rows
+    for name, column in feature_columns.items():
+        result = result.append_column(name, column)
+    return result

@@ -1,0 +1,193 @@
+"""The events features are computed from, in DuckDB: what backfills, point-in-time queries and
+unmerges read.
+
+The streaming state answers "now" in O(1); anything else — a feature as of a past time, a new
+definition over old events, a profile split in two — needs the events themselves. Each event
+resolved to a profile is kept here with the identifier that anchors it (its highest-priority
+identifier), so that an unmerge can tell which of the resulting profiles it belongs to.
+
+Consistency with the consumer's SQLite store, which holds the offsets: rows are written before
+their batch's offsets commit, tagged with their log position. At start-up, rows past the
+committed offsets are from a batch that never committed (the consumer will apply it again), and
+are deleted; merges and unmerges rewrite ``profile_id`` idempotently, so repeating them is
+harmless.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from profilemesh.services.features.events import FeatureEvent
+
+VIEW = "feature_events"
+"""The view with the columns the batch queries read (profile_id, timestamp_ns, type, name,
+properties, context)."""
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS events (
+    log_partition INTEGER NOT NULL,
+    log_offset BIGINT NOT NULL,
+    profile_id VARCHAR NOT NULL,
+    anchor VARCHAR NOT NULL,
+    timestamp_ns BIGINT NOT NULL,
+    type VARCHAR NOT NULL,
+    name VARCHAR NOT NULL,
+    properties VARCHAR,
+    context VARCHAR
+);
+CREATE OR REPLACE VIEW {VIEW} AS
+    SELECT profile_id, timestamp_ns, type, name, properties, context FROM events;
+"""
+
+ROW_SCHEMA = pa.schema(
+    [
+        pa.field("log_partition", pa.int32()),
+        pa.field("log_offset", pa.int64()),
+        pa.field("profile_id", pa.string()),
+        pa.field("anchor", pa.string()),
+        pa.field("timestamp_ns", pa.int64()),
+        pa.field("type", pa.string()),
+        pa.field("name", pa.string()),
+        pa.field("properties", pa.string()),
+        pa.field("context", pa.string()),
+    ]
+)
+
+
+def _json(value: Any) -> str | None:
+    return json.dumps(value, separators=(",", ":"), default=str) if value else None
+
+
+class PendingRows:
+    """Rows of one batch, gathered column by column before one insert."""
+
+    def __init__(self) -> None:
+        self.columns: dict[str, list[Any]] = {field.name: [] for field in ROW_SCHEMA}
+
+    def add(self, partition: int, offset: int, anchor: str, event: FeatureEvent) -> None:
+        columns = self.columns
+        columns["log_partition"].append(partition)
+        columns["log_offset"].append(offset)
+        columns["profile_id"].append(event.profile_id)
+        columns["anchor"].append(anchor)
+        columns["timestamp_ns"].append(event.timestamp_ns)
+        columns["type"].append(event.type)
+        columns["name"].append(event.name)
+        columns["properties"].append(_json(event.properties))
+        columns["context"].append(_json(event.context))
+
+    def __len__(self) -> int:
+        return len(self.columns["log_offset"])
+
+    def take(self) -> pa.Table:
+        table = pa.table(self.columns, schema=ROW_SCHEMA)
+        self.columns = {field.name: [] for field in ROW_SCHEMA}
+        return table
+
+
+class EventStore:
+    """One DuckDB database file; the consumer writes, queries read through their own cursors."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._connection = duckdb.connect(str(path))
+        self._connection.execute(_SCHEMA)
+        self._write_lock = threading.Lock()
+
+    def close(self) -> None:
+        self._connection.close()
+
+    @contextmanager
+    def reader(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A cursor of its own, for a query running beside the consumer's writes."""
+        cursor = self._connection.cursor()
+        try:
+            yield cursor
+        finally:
+            cursor.close()
+
+    def discard_uncommitted(self, committed: dict[int, int]) -> int:
+        """Delete rows at or past the committed offsets (their batch never committed)."""
+        with self._write_lock:
+            before = self.count()
+            partitions = sorted(committed)
+            condition = " AND ".join(
+                f"NOT (log_partition = {p} AND log_offset < {committed[p]})" for p in partitions
+            )
+            self._connection.execute(f"DELETE FROM events WHERE {condition or 'TRUE'}")
+            return before - self.count()
+
+    def count(self) -> int:
+        [(rows,)] = self._connection.execute("SELECT count(*) FROM events").fetchall()
+        return int(rows)
+
+    def append(self, rows: PendingRows) -> None:
+        if not len(rows):
+            return
+        table = rows.take()
+        with self._write_lock:
+            self._connection.register("incoming_rows", table)
+            try:
+                self._connection.execute("INSERT INTO events SELECT * FROM incoming_rows")
+            finally:
+                self._connection.unregister("incoming_rows")
+
+    def reassign(self, profile_ids: Sequence[str], to: str) -> None:
+        """Events of ``profile_ids`` now belong to ``to`` (a merge)."""
+        with self._write_lock:
+            self._connection.execute(
+                "UPDATE events SET profile_id = ? WHERE list_contains(?, profile_id)",
+                [to, list(profile_ids)],
+            )
+
+    def reassign_anchors(self, of: Sequence[str], anchors: Iterable[str], to: str) -> None:
+        """Events of profiles ``of`` anchored on ``anchors`` now belong to ``to`` (an unmerge)."""
+        with self._write_lock:
+            self._connection.execute(
+                "UPDATE events SET profile_id = ?"
+                " WHERE list_contains(?, profile_id) AND list_contains(?, anchor)",
+                [to, list(of), list(anchors)],
+            )
+
+    def delete_profiles(self, profile_ids: Sequence[str]) -> None:
+        with self._write_lock:
+            self._connection.execute(
+                "DELETE FROM events WHERE list_contains(?, profile_id)", [list(profile_ids)]
+            )
+
+    def events_of(self, profile_ids: Sequence[str]) -> dict[str, list[FeatureEvent]]:
+        """Every stored event of ``profile_ids``, in log order per profile."""
+        found: dict[str, list[FeatureEvent]] = {p: [] for p in profile_ids}
+        with self.reader() as cursor:
+            rows = cursor.execute(
+                "SELECT profile_id, timestamp_ns, type, name, properties, context FROM events"
+                " WHERE list_contains(?, profile_id) ORDER BY log_partition, log_offset",
+                [list(profile_ids)],
+            ).fetchall()
+        for profile_id, timestamp_ns, kind, name, properties, context in rows:
+            found[profile_id].append(
+                FeatureEvent(
+                    profile_id=profile_id,
+                    timestamp_ns=timestamp_ns,
+                    type=kind,
+                    name=name,
+                    properties=json.loads(properties) if properties else {},
+                    context=json.loads(context) if context else {},
+                )
+            )
+        return found
+
+    def profile_ids(self) -> list[str]:
+        with self.reader() as cursor:
+            rows = cursor.execute(
+                "SELECT DISTINCT profile_id FROM events ORDER BY profile_id"
+            ).fetchall()
+        return [row[0] for row in rows]
