@@ -14,12 +14,17 @@ import pyarrow.ipc
 import pytest
 
 from profilemesh.common.v1 import identifier_pb2, job_pb2
-from profilemesh.features.v1 import feature_definition_pb2, features_service_pb2_grpc
+from profilemesh.features.v1 import (
+    feature_definition_pb2,
+    feature_log_pb2,
+    features_service_pb2_grpc,
+)
 from profilemesh.features.v1 import features_service_pb2 as features_pb2
 from profilemesh.identity.v1 import identity_service_pb2 as identity_pb2
 from profilemesh.identity.v1 import identity_service_pb2_grpc
 from profilemesh.ingestion.v1 import event_pb2, ingestion_service_pb2, ingestion_service_pb2_grpc
 from profilemesh.shared.channel import create_channel
+from profilemesh.shared.log.client import RemoteLog
 from profilemesh.shared.settings import Settings
 from tests.running_service import RunningIngestion, RunningService
 
@@ -67,6 +72,20 @@ async def send(settings: Settings, *events: Any) -> None:
         stub = ingestion_service_pb2_grpc.IngestionServiceStub(channel)
         response = await stub.SendEvents(ingestion_service_pb2.SendEventsRequest(events=events))
         assert response.accepted_count == len(events)
+
+
+async def feature_changes(settings: Settings) -> list[feature_log_pb2.FeatureChangeEntry]:
+    remote = RemoteLog(settings.services.features.target, "feature-changes", settings)
+    entries = []
+    try:
+        for partition in await remote.offsets():
+            for batch in await remote.read(partition.partition, partition.first, 10_000):
+                entries.extend(
+                    feature_log_pb2.FeatureChangeEntry.FromString(p) for p in batch.payload_list()
+                )
+    finally:
+        await remote.close()
+    return entries
 
 
 def ident(kind: str, value: str) -> identifier_pb2.Identifier:
@@ -144,6 +163,19 @@ async def test_events_update_features_and_a_merge_combines_them_exactly(mesh: Me
         names,
         {"orders_lifetime": 3, "revenue_90d": 45.0, "orders_30d": 2},
     )
+    # The feature-change log says what changed, and that the merged profile's state is gone.
+    for _ in range(200):  # the outbox publishes shortly after the commit
+        changes = await feature_changes(settings)
+        if any(c.HasField("removed") for c in changes):
+            break
+        await asyncio.sleep(0.05)
+    changed = [c.changed for c in changes if c.HasField("changed")]
+    assert any(
+        c.profile_id == merged and {v.name for v in c.values} >= {"orders_lifetime"}
+        for c in changed
+    )
+    removed = [c.removed for c in changes if c.HasField("removed")]
+    assert [(r.profile_id, r.surviving_profile_id) for r in removed] == [(anonymous, merged)]
     # The retired id still answers, with the survivor's values.
     async with create_channel(settings.services.features.target, settings) as channel:
         stub = features_service_pb2_grpc.FeaturesServiceStub(channel)
@@ -363,3 +395,19 @@ async def test_lifetime_value_is_fitted_on_purchases_and_served(mesh: Mesh) -> N
     assert 0 < values["clv_probability_alive"] <= 1
     assert values["clv_expected_orders_365d"] > 0
     assert values["clv_value_365d"] > 0
+
+
+def test_the_event_store_keeps_non_finite_numbers_as_null(tmp_path: Any) -> None:
+    from profilemesh.services.features.event_store import EventStore, PendingRows
+    from profilemesh.services.features.events import FeatureEvent
+
+    store = EventStore(tmp_path / "events.duckdb")
+    rows = PendingRows()
+    event = FeatureEvent(
+        "p", 1, "track", "Order Completed", {"revenue": float("nan"), "n": {"x": 1.5}}, {}
+    )
+    rows.add(0, 0, "user_id:u", event)
+    store.append(rows)
+    [stored] = store.events_of(["p"])["p"]
+    assert stored.properties == {"revenue": None, "n": {"x": 1.5}}
+    store.close()

@@ -16,6 +16,7 @@ harmless.
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -63,7 +64,24 @@ ROW_SCHEMA = pa.schema(
 
 
 def _json(value: Any) -> str | None:
-    return json.dumps(value, separators=(",", ":"), default=str) if value else None
+    """JSON text of a mapping; NaN and infinities (which JSON cannot hold, and which every
+    aggregation skips as non-numeric anyway) become null."""
+    if not value:
+        return None
+    try:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False, default=str)
+    except ValueError:
+        return json.dumps(_finite(value), separators=(",", ":"), default=str)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return value
 
 
 class PendingRows:
