@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 import pyarrow as pa
+import pyarrow.compute
 import pyarrow.ipc
 import pytest
 
@@ -296,6 +297,30 @@ async def test_historical_features_never_see_later_events(mesh: Mesh) -> None:
                 )
             ).read()
         assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # A spine of cut-offs and a definition computed for this request only.
+        big = feature_definition_pb2.FeatureDefinition(
+            name="big_orders", aggregation=feature_definition_pb2.AGGREGATION_COUNT
+        )
+        big.event_names.append("Order Completed")
+        big.filters.add(
+            property="revenue", operator=feature_definition_pb2.OPERATOR_GE
+        ).value.number_value = 20
+        request = features_pb2.GetHistoricalFeaturesRequest(
+            feature_names=["orders_lifetime", "big_orders"], extra_definitions=[big]
+        )
+        for stamp in stamps[1:]:
+            request.cutoffs.add().FromNanoseconds(int(stamp * 1e9))
+        spine = pa.concat_tables(
+            [
+                pa.ipc.open_stream(c.arrow_ipc).read_all()
+                async for c in stub.GetHistoricalFeatures(request)
+            ]
+        )
+        mine = spine.filter(pa.compute.equal(spine.column("profile_id"), profile_id))
+        assert mine.column("orders_lifetime").to_pylist() == [1, 2, 3]
+        assert mine.column("big_orders").to_pylist() == [0, 1, 2]
+        listed = await stub.ListFeatureDefinitions(features_pb2.ListFeatureDefinitionsRequest())
+        assert "big_orders" not in {d.name for d in listed.definitions}
 
 
 async def test_a_new_definition_is_backfilled_then_served(mesh: Mesh) -> None:

@@ -51,6 +51,8 @@ NAME_PATTERN: Final = r"^[a-z][a-z0-9_]*$"
 MAX_NAME_LENGTH: Final = 63
 """The contract's limit (feature_definition.proto)."""
 MAX_EXPRESSION_LENGTH: Final = 1000
+MAX_WINDOW_DAYS: Final = 3660
+"""Ten years: the streaming state keeps a day cell per day of the longest window."""
 
 
 class Aggregation(StrEnum):
@@ -468,7 +470,7 @@ class FeatureDefinition(_Frozen):
     filters: tuple[PropertyFilter, ...] = ()
     property: str | None = Field(default=None, validate_default=True)
     """The property aggregated: required by sum, avg, min, max, first, last, distinct_count."""
-    window_days: int | None = Field(default=None, ge=1, strict=True)
+    window_days: int | None = Field(default=None, ge=1, le=MAX_WINDOW_DAYS, strict=True)
     """The last N UTC calendar days up to as_of; None for the profile's lifetime."""
     value_type: ValueType | None = Field(default=None, validate_default=True)
     """Defaults to what the aggregation gives (int64 for counts, string for first and last,

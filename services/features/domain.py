@@ -30,7 +30,7 @@ from profilemesh.services.features.lifetime_value import LifetimeValueModel
 from profilemesh.services.features.registry import Registry
 from profilemesh.services.features.state import ProfileState
 from profilemesh.services.features.state_table import StateTable
-from profilemesh.shared.errors import NotFound, Unavailable
+from profilemesh.shared.errors import InvalidArgument, NotFound, Unavailable
 from profilemesh.shared.log.api import LogReader
 from profilemesh.shared.log.consumer import LogConsumer
 from profilemesh.shared.log.embedded import EmbeddedLog
@@ -214,17 +214,59 @@ class Features:
 
     # -- offline ------------------------------------------------------------------------------
 
-    def historical(self, entity_rows: pa.Table, names: Sequence[str]) -> pa.Table:
-        """Each entity row's features as of its timestamp (point-in-time correct)."""
-        wanted = self.registry.served_names(names, at_least_one=True)
+    def historical(
+        self,
+        entity_rows: pa.Table | None,
+        names: Sequence[str],
+        extra: Sequence[FeatureDefinition] = (),
+        cutoffs: Sequence[int] = (),
+    ) -> pa.Table:
+        """Each entity row's features as of its timestamp (point-in-time correct).
+
+        ``extra`` definitions are computed for this call only; without entity rows, the rows
+        are every profile with an event at or before each of ``cutoffs`` (a spine).
+        """
+        feature_set = self.registry.feature_set
+        extra_names = [d.name for d in extra]
+        if extra:
+            for index, definition in enumerate(extra):
+                if definition.name in feature_set:
+                    raise InvalidArgument.for_field(
+                        f"extra_definitions[{index}].name", f"{definition.name!r} is taken"
+                    )
+            feature_set = FeatureSet([*self.registry.stored_definitions(), *extra])
+        plain = [n for n in names if n.partition("@")[0] not in extra_names]
+        wanted = self.registry.served_names(plain) if plain else []
+        wanted += [n for n in names if n in extra_names]
+        if not wanted:
+            raise InvalidArgument.for_field("feature_names", "name at least one feature")
+        if entity_rows is None:
+            entity_rows = self.spine(cutoffs)
         with self.lock:
             redirects = {
                 p: self.states.canonical(p)
                 for p in set(entity_rows.column("profile_id").to_pylist())
                 if p is not None
             }
-        return batch_point_in_time(
-            self.events, self.registry.feature_set, entity_rows, wanted, redirects
+        return batch_point_in_time(self.events, feature_set, entity_rows, wanted, redirects)
+
+    def spine(self, cutoffs: Sequence[int]) -> pa.Table:
+        """``profile_id``, ``event_timestamp``: every profile with an event at or before each
+        cut-off, cut-offs in the order given, profiles sorted."""
+        stamps = pa.table({"cutoff": pa.array(list(cutoffs), pa.int64())})
+        with self.events.reader() as cursor:
+            cursor.register("spine_cutoffs", stamps)
+            table = cursor.sql(
+                f"SELECT e.profile_id, c.cutoff FROM spine_cutoffs c"
+                f" JOIN (SELECT profile_id, min(timestamp_ns) AS first FROM {VIEW}"
+                f" GROUP BY profile_id) e ON e.first <= c.cutoff"
+                f" ORDER BY c.cutoff, e.profile_id"
+            ).to_arrow_table()
+        return pa.table(
+            {
+                "profile_id": table.column("profile_id"),
+                "event_timestamp": table.column("cutoff").cast(pa.timestamp("ns", tz="UTC")),
+            }
         )
 
     def batch_values(self, as_of_ns: int) -> pa.Table:

@@ -108,6 +108,10 @@ class Registry:
         stored = self._stored.get((definition.name, definition.version))
         return ACTIVE if stored is None else stored.state
 
+    def stored_definitions(self) -> list[FeatureDefinition]:
+        """The definitions created by RPC or file (every version), besides the built-ins."""
+        return [s.definition for s in self._stored.values()]
+
     def backfilling(self) -> list[str]:
         """Names whose latest version waits for its backfill."""
         return [d.name for d in self.feature_set if self._state(d) == BACKFILLING]

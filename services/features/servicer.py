@@ -80,8 +80,20 @@ class FeaturesServicer(features_service_pb2_grpc.FeaturesServiceServicer):
     async def GetHistoricalFeatures(
         self, request: service_pb2.GetHistoricalFeaturesRequest, context: Any
     ) -> AsyncIterator[service_pb2.GetHistoricalFeaturesResponse]:
-        rows = _entity_rows(request.entity_rows_arrow)
-        table = await asyncio.to_thread(self.domain.historical, rows, list(request.feature_names))
+        if request.cutoffs and request.entity_rows_arrow:
+            raise InvalidArgument.for_field("cutoffs", "set either cutoffs or entity_rows_arrow")
+        rows = None if request.cutoffs else _entity_rows(request.entity_rows_arrow)
+        extra = [
+            definition_from_proto(d, f"extra_definitions[{i}]")
+            for i, d in enumerate(request.extra_definitions)
+        ]
+        table = await asyncio.to_thread(
+            self.domain.historical,
+            rows,
+            list(request.feature_names),
+            extra,
+            [c.ToNanoseconds() for c in request.cutoffs],
+        )
         chunk = request.max_rows_per_chunk or DEFAULT_CHUNK_ROWS
         for start in range(0, max(1, table.num_rows), chunk):
             sink = pa.BufferOutputStream()

@@ -418,6 +418,8 @@ class ProfileState:
         entry = self._sources.get(source.key)
         if entry is None:
             entry = self._sources[source.key] = SourceState(source.max_window_days)
+        elif entry.horizon != source.max_window_days:  # the feature set changed
+            entry.horizon = source.max_window_days
         entry.lifetime.add(timestamp_ns, observation)
         if source.max_window_days is not None:
             cell = entry.days.get(day)
@@ -556,8 +558,3 @@ class ProfileState:
             entry.lifetime = Cell.from_json(entry_data["lifetime"])
             entry.days = {day: Cell.from_json(cell) for day, cell in entry_data["days"]}
         return state
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, ProfileState) and self.to_bytes() == other.to_bytes()
-
-    __hash__ = None  # type: ignore[assignment]

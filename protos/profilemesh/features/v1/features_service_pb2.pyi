@@ -150,6 +150,8 @@ class GetHistoricalFeaturesRequest(_message.Message):
     ENTITY_ROWS_ARROW_FIELD_NUMBER: _builtins.int
     FEATURE_NAMES_FIELD_NUMBER: _builtins.int
     MAX_ROWS_PER_CHUNK_FIELD_NUMBER: _builtins.int
+    EXTRA_DEFINITIONS_FIELD_NUMBER: _builtins.int
+    CUTOFFS_FIELD_NUMBER: _builtins.int
     entity_rows_arrow: _builtins.bytes
     """The entity rows as an Arrow IPC stream with at least the columns `profile_id` (utf8) and
     `event_timestamp` (timestamp, UTC). Other columns (e.g. labels) are passed through unchanged.
@@ -160,16 +162,32 @@ class GetHistoricalFeaturesRequest(_message.Message):
     def feature_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Features to compute, as `name` or `name@version`. At least one."""
 
+    @_builtins.property
+    def extra_definitions(self) -> _containers.RepeatedCompositeFieldContainer[_feature_definition_pb2.FeatureDefinition]:
+        """Definitions computed for this request only (not stored, not served online), e.g. the
+        counts a training label is derived from. Their names must not be taken; they can be asked
+        for in feature_names.
+        """
+
+    @_builtins.property
+    def cutoffs(self) -> _containers.RepeatedCompositeFieldContainer[_timestamp_pb2.Timestamp]:
+        """Instead of entity rows: one row per cut-off for every profile with an event at or before
+        it (a spine), with `profile_id` and `event_timestamp` set to the cut-off. Set either this or
+        entity_rows_arrow.
+        """
+
     def __init__(
         self,
         *,
         entity_rows_arrow: _builtins.bytes = ...,
         feature_names: _abc.Iterable[_builtins.str] | None = ...,
         max_rows_per_chunk: _builtins.int = ...,
+        extra_definitions: _abc.Iterable[_feature_definition_pb2.FeatureDefinition] | None = ...,
+        cutoffs: _abc.Iterable[_timestamp_pb2.Timestamp] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entity_rows_arrow", b"entity_rows_arrow", "feature_names", b"feature_names", "max_rows_per_chunk", b"max_rows_per_chunk"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cutoffs", b"cutoffs", "entity_rows_arrow", b"entity_rows_arrow", "extra_definitions", b"extra_definitions", "feature_names", b"feature_names", "max_rows_per_chunk", b"max_rows_per_chunk"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
