@@ -22,7 +22,7 @@ def feature_value(
 ) -> profile_pb2.FeatureValue:
     """One value, typed by its definition; ``None`` leaves the value unset (null)."""
     # Model outputs (lifetime value) have no definition: version 1, doubles.
-    definition = feature_set[name] if name in feature_set else None  # noqa: SIM401
+    definition = feature_set.get(name)
     message = profile_pb2.FeatureValue(
         name=name, version=definition.version if definition is not None else 1
     )

@@ -98,6 +98,11 @@ def test_a_bad_window_names_the_window_of_that_definition() -> None:
     assert list(fields) == ["definitions[1].window_days"]
 
 
+def test_windows_longer_than_ten_years_are_refused() -> None:
+    fields = _rejected("[{name: decade, aggregation: count, window_days: 4000}]")
+    assert list(fields) == ["definitions[0].window_days"]
+
+
 def test_sum_without_a_property_names_the_property() -> None:
     fields = _rejected("[{name: revenue, aggregation: sum}]")
     assert fields == {"definitions[0].property": "sum needs the property it aggregates"}
