@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from profilemesh.services.import_command import add_import_parser, run_import
 from profilemesh.services.records_command import add_records_parser, run_records
+from profilemesh.services.scoring_commands import add_scoring_parsers, run_scoring_command
 from profilemesh.shared.settings import SERVICE_NAMES, Settings
 
 
@@ -41,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("plugins", help="list installed plugins and what they register")
     add_import_parser(commands)
     add_records_parser(commands)
+    add_scoring_parsers(commands)
     return parser
 
 
@@ -71,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_import(args, settings)
     if args.command == "records":
         return run_records(args)
+    if args.command in ("train", "score", "segments"):
+        return run_scoring_command(args, settings)
 
     raise AssertionError(f"unhandled command {args.command}")
 

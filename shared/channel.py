@@ -12,7 +12,7 @@ import json
 from collections.abc import Sequence
 
 import grpc
-from opentelemetry.instrumentation.grpc import aio_client_interceptors
+from opentelemetry.instrumentation.grpc import aio_client_interceptors, client_interceptor, grpcext
 
 from profilemesh.shared.settings import ClientSettings, Settings
 
@@ -51,15 +51,27 @@ def create_channel(
     traced: bool = True,
 ) -> grpc.aio.Channel:
     """An insecure grpc.aio channel to ``target`` (``host:port``) with the mesh defaults."""
+    options = _options(settings, streaming_methods)
+    interceptors = aio_client_interceptors() if traced else None
+    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+
+
+def create_blocking_channel(target: str, settings: Settings) -> grpc.Channel:
+    """As :func:`create_channel`, blocking: for calls made from worker threads."""
+    channel = grpc.insecure_channel(target, options=_options(settings, ()))
+    # The instrumentation's own wrapper: its interceptor is not one of grpc's interceptor types.
+    traced: grpc.Channel = grpcext.intercept_channel(channel, client_interceptor())
+    return traced
+
+
+def _options(settings: Settings, streaming_methods: Sequence[str]) -> list[tuple[str, object]]:
     max_bytes = settings.max_message_mib * 1024 * 1024
-    options = [
+    return [
         ("grpc.enable_retries", 1),
         ("grpc.service_config", service_config(settings.client, streaming_methods)),
         ("grpc.max_receive_message_length", max_bytes),
         ("grpc.max_send_message_length", max_bytes),
     ]
-    interceptors = aio_client_interceptors() if traced else None
-    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
 
 
 def channel_to(service: str, settings: Settings, **kwargs: object) -> grpc.aio.Channel:

@@ -61,6 +61,21 @@ IMPLEMENTED = {
             "GetLifetimeValueModel",
         )
     ),
+    *(
+        f"/profilemesh.scoring.v1.ScoringService/{name}"
+        for name in (
+            "TrainModel",
+            "GetTrainingRun",
+            "ListModels",
+            "GetModel",
+            "PromoteModel",
+            "Score",
+            "ScoreBatch",
+            "DiscoverClusters",
+            "GetClustering",
+            "ScoreLookalikes",
+        )
+    ),
 }
 """Full method names that do real work; grows as the services are built."""
 

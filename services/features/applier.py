@@ -30,7 +30,7 @@ from profilemesh.identity.v1 import resolution_log_pb2
 from profilemesh.services.features.event_store import EventStore, PendingRows
 from profilemesh.services.features.inputs import anchor_of, feature_event
 from profilemesh.services.features.registry import Registry
-from profilemesh.services.features.state_table import StateTable
+from profilemesh.services.features.state_table import StateTable, build_states
 from profilemesh.services.features.values import feature_values, timestamp
 from profilemesh.shared.log.api import RecordBatch
 from profilemesh.shared.log.outbox import Outbox
@@ -50,16 +50,22 @@ class Applier:
         events: EventStore,
         outbox: Outbox,
         lock: threading.Lock,
+        writer: threading.Lock,
     ) -> None:
         self.registry = registry
         self.states = states
         self.events = events
         self.outbox = outbox
         self.lock = lock
+        self.writer = writer
 
     def __call__(self, tx: sqlite3.Connection, batch: RecordBatch) -> None:
+        # ``writer`` keeps backfills and definition changes out for the whole batch; ``lock``
+        # is held only while a state changes, so online reads wait microseconds, not the
+        # batch. Reading states without ``lock`` is safe here: only the writer changes them.
         published: Published = []
-        with self.lock:
+        lock = self.lock
+        with self.writer:
             feature_set = self.registry.feature_set
             now = time.time_ns()
             before: dict[str, dict[str, Any]] = {}
@@ -82,7 +88,8 @@ class Applier:
                     profile_id = self.states.canonical(resolved.profile_id)
                     touch(profile_id)
                     event = feature_event(resolved, profile_id)
-                    self.states.apply(event, feature_set)
+                    with lock:
+                        self.states.apply(event, feature_set)
                     rows.add(batch.partition, batch.base_offset + index, anchor_of(resolved), event)
                     message_ids[profile_id] = resolved.item.event.message_id
                 elif change == "profiles_merged":
@@ -96,7 +103,8 @@ class Applier:
                         if p != survivor
                     ]
                     touch(survivor)
-                    self.states.merge(survivor, others)
+                    with lock:
+                        self.states.merge(survivor, others)
                     self.events.reassign(others, survivor)
                     for other in others:
                         before.pop(other, None)
@@ -108,12 +116,14 @@ class Applier:
                 elif change == "profile_deleted":
                     self.events.append(rows)
                     deleted = self.states.canonical(entry.profile_deleted.profile_id)
-                    self.states.delete(deleted)
+                    with lock:
+                        self.states.delete(deleted)
                     self.events.delete_profiles([deleted])
                     before.pop(deleted, None)
                     published.append(_removed(deleted, "", entry.profile_deleted.job_id))
             self.events.append(rows)
-            self.states.evict_changed(now)
+            with lock:
+                self.states.evict_changed(now)
             self.states.save(tx)
             for profile_id, old in before.items():
                 if not self.states.has(profile_id):
@@ -139,8 +149,9 @@ class Applier:
             anchors = [f"{i.type}:{i.value}" for i in profile.identifiers]
             self.events.reassign_anchors([original], anchors, profile.profile_id)
         affected = list(dict.fromkeys([original, *resulting]))
-        recomputed = self.events.events_of(affected)
-        self.states.rebuild(recomputed, self.registry.feature_set)
+        rebuilt = build_states(self.events.events_of(affected), self.registry.feature_set)
+        with self.lock:
+            self.states.rebuild(rebuilt)
         return affected
 
 

@@ -28,8 +28,7 @@ from profilemesh.services.features.definitions import FeatureDefinition, Feature
 from profilemesh.services.features.event_store import VIEW, EventStore
 from profilemesh.services.features.lifetime_value import LifetimeValueModel
 from profilemesh.services.features.registry import Registry
-from profilemesh.services.features.state import ProfileState
-from profilemesh.services.features.state_table import StateTable
+from profilemesh.services.features.state_table import StateTable, build_states
 from profilemesh.shared.errors import InvalidArgument, NotFound, Unavailable
 from profilemesh.shared.log.api import LogReader
 from profilemesh.shared.log.consumer import LogConsumer
@@ -69,7 +68,12 @@ class Features:
     def __init__(self, data_dir: Path, definitions_file: Path | None = None) -> None:
         self.data_dir = data_dir
         self.definitions_file = definitions_file
+        # Locks are always taken in this order: the store's transaction, ``writer``, ``lock``.
+        self.writer = threading.Lock()
+        """Held by whoever changes states for a while: the consumer (a batch), a backfill step,
+        a definition change."""
         self.lock = threading.Lock()
+        """Held only while a state or the feature set changes, and by online reads."""
         self.registry = Registry()
         self.states = StateTable()
         self.jobs: dict[str, BackfillJob] = {}
@@ -114,7 +118,9 @@ class Features:
             CONSUMER,
             resolutions,
             store,  # type: ignore[arg-type]
-            Applier(self.registry, self.states, events, outbox, self.lock),  # type: ignore[arg-type]
+            Applier(  # type: ignore[arg-type]
+                self.registry, self.states, events, outbox, self.lock, self.writer
+            ),
             on_applied=lambda _: outbox.notify(),
         )
         self._store, self._events, self._outbox, self._consumer = store, events, outbox, consumer
@@ -167,30 +173,51 @@ class Features:
     ) -> tuple[str, dict[str, Any], int]:
         """The live id of ``profile_id``, its values of ``names`` (all served ones when empty)
         and the time they describe. :class:`NotFound` for a profile features never saw."""
+        [(live, values)], now = self.online_many([profile_id], names, as_of_ns)
+        if values is None:
+            raise NotFound(
+                "no such profile", violations=[("profile_id", "features has no events of it")]
+            )
+        return live, values, now
+
+    def online_many(
+        self, profile_ids: Sequence[str], names: Sequence[str], as_of_ns: int | None = None
+    ) -> tuple[list[tuple[str, dict[str, Any] | None]], int]:
+        """As :meth:`online_values` for many profiles at once (names checked once, the lock
+        taken once); an unknown profile's values are ``None``."""
         model = self.lifetime_value
         predicted = [n for n in names if n in lifetime_value.OUTPUTS]
         if not names and model is not None:
             predicted = list(lifetime_value.OUTPUTS)
         rest = [n for n in names if n not in predicted]
         wanted = self.registry.served_names(rest) if rest or not names else []
+        ordered = [n.partition("@")[0] for n in names] if names else [*wanted, *predicted]
         now = time.time_ns() if as_of_ns is None else as_of_ns
         feature_set = self.registry.feature_set
+        found: list[tuple[str, dict[str, Any] | None]] = []
+        inputs: list[dict[str, Any] | None] = []
         with self.lock:
-            live = self.states.canonical(profile_id)
-            if not self.states.has(live):
-                raise NotFound(
-                    "no such profile", violations=[("profile_id", "features has no events of it")]
+            for profile_id in profile_ids:
+                live = self.states.canonical(profile_id)
+                state = self.states.state(live)
+                if state is None:
+                    found.append((profile_id, None))
+                    inputs.append(None)
+                    continue
+                found.append((live, state.values(feature_set, now, wanted) if wanted else {}))
+                inputs.append(
+                    state.values(feature_set, now, lifetime_value.INPUTS) if predicted else None
                 )
-            state = self.states.state(live)
-            assert state is not None
-            values = state.values(feature_set, now, wanted) if wanted else {}
-            if predicted:
-                inputs = state.values(feature_set, now, lifetime_value.INPUTS)
-        if predicted:
-            outputs = model.predict(inputs) if model is not None else {}
-            values.update({name: outputs.get(name) for name in predicted})
-        ordered = [n.partition("@")[0] for n in names] if names else [*wanted, *predicted]
-        return live, {name: values.get(name) for name in ordered}, now
+        results: list[tuple[str, dict[str, Any] | None]] = []
+        for (live, values), given in zip(found, inputs, strict=True):
+            if values is None:
+                results.append((live, None))
+                continue
+            if predicted and given is not None:
+                outputs = model.predict(given) if model is not None else {}
+                values.update({name: outputs.get(name) for name in predicted})
+            results.append((live, {name: values.get(name) for name in ordered}))
+        return results, now
 
     def fit_lifetime_value(self, force: bool = False) -> LifetimeValueModel | None:
         """(Re)fit the lifetime value model when it is missing or old; the model in use."""
@@ -283,12 +310,12 @@ class Features:
         return stored, job
 
     def _create_definition(self, definition: FeatureDefinition) -> FeatureDefinition:
-        with self.lock, self.store.transaction() as tx:
+        with self.store.transaction() as tx, self.writer, self.lock:
             return self.registry.create(tx, definition)
 
     async def delete_definition(self, name: str, version: int) -> None:
         def run() -> None:
-            with self.lock, self.store.transaction() as tx:
+            with self.store.transaction() as tx, self.writer, self.lock:
                 self.registry.delete(tx, name, version)
 
         await asyncio.to_thread(run)
@@ -306,22 +333,19 @@ class Features:
             profiles = self.events.profile_ids()
             for start in range(0, len(profiles), BACKFILL_CHUNK):
                 chunk = profiles[start : start + BACKFILL_CHUNK]
-                # Under the lock, the event store holds exactly what the states reflect, so
-                # nothing the consumer applies meanwhile is lost or counted twice.
-                with self.lock, self.store.transaction() as tx:
-                    feature_set = self.registry.feature_set
-                    rebuilt: dict[str, ProfileState] = {}
-                    for profile_id, events in self.events.events_of(chunk).items():
-                        state = ProfileState()
-                        for event in events:
-                            state.apply(event, feature_set)
-                        rebuilt[profile_id] = state
-                        job.events_processed += len(events)
-                    self.states.replace(rebuilt)
+                # Under ``writer``, the event store holds exactly what the states reflect, so
+                # nothing the consumer applies meanwhile is lost or counted twice; readers wait
+                # only for the swap.
+                with self.store.transaction() as tx, self.writer:
+                    events = self.events.events_of(chunk)
+                    rebuilt = build_states(events, self.registry.feature_set)
+                    job.events_processed += sum(len(e) for e in events.values())
+                    with self.lock:
+                        self.states.replace(rebuilt)
                     self.states.save(tx)
                 job.profiles_updated += len(chunk)
                 job.progress = min(1.0, (start + len(chunk)) / max(1, len(profiles)))
-            with self.lock, self.store.transaction() as tx:
+            with self.store.transaction() as tx, self.writer, self.lock:
                 self.registry.activate(tx, job.feature_names)
             job.state, job.progress = "SUCCEEDED", 1.0
         except Exception as error:  # reported by GetBackfill; the definitions stay BACKFILLING

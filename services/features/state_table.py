@@ -9,6 +9,7 @@ still finds the person.
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -28,6 +29,24 @@ CREATE TABLE IF NOT EXISTS feature_redirects (
 """
 
 DAY_NS = 86_400 * 1_000_000_000
+
+
+def build_states(
+    events_by_profile: Mapping[str, Iterable[FeatureEvent]],
+    feature_set: FeatureSet,
+    now_ns: int | None = None,
+) -> dict[str, ProfileState]:
+    """States computed from scratch from each profile's events, day cells no window needs any
+    more dropped."""
+    today = (time.time_ns() if now_ns is None else now_ns) // DAY_NS
+    built = {}
+    for profile_id, events in events_by_profile.items():
+        state = ProfileState()
+        for event in events:
+            state.apply(event, feature_set)
+        state.evict(today, feature_set)
+        built[profile_id] = state
+    return built
 
 
 class StateTable:
@@ -109,14 +128,10 @@ class StateTable:
             self._unredirected.discard(other)
         self._dirty.add(survivor)
 
-    def rebuild(
-        self, events_by_profile: Mapping[str, Iterable[FeatureEvent]], feature_set: FeatureSet
-    ) -> None:
-        """Replace the states of these profiles by states computed from their events."""
-        for profile_id, events in events_by_profile.items():
-            state = ProfileState()
-            for event in events:
-                state.apply(event, feature_set)
+    def rebuild(self, states: Mapping[str, ProfileState]) -> None:
+        """Replace the states of these profiles by states recomputed from their events (an
+        unmerge), reviving ids an earlier merge had retired."""
+        for profile_id, state in states.items():
             self._states[profile_id] = state
             self._dirty.add(profile_id)
             self._deleted.discard(profile_id)

@@ -130,6 +130,37 @@ class RecordBatch:
         )
 
     @classmethod
+    def concat(cls, batches: Sequence[RecordBatch]) -> RecordBatch:
+        """Consecutive batches of one partition as one, so that a consumer applies them in one
+        transaction. The first batch's headers become the batch's (they carry the trace
+        context a consumer links to); every record keeps the headers it had."""
+        if len(batches) == 1:
+            return batches[0]
+        first = batches[0]
+        for before, after in itertools.pairwise(batches):
+            if after.partition != first.partition or after.base_offset != before.next_offset:
+                raise ValueError("only consecutive batches of one partition can be joined")
+        keeps_headers = all(b.headers == first.headers for b in batches)
+        message_headers: list[Mapping[str, str]] = []
+        if keeps_headers and not any(b.message_headers for b in batches):
+            message_headers = []
+        else:
+            for batch in batches:
+                for index in range(len(batch)):
+                    message_headers.append(dict(batch.headers_of(index)))
+        return cls(
+            partition=first.partition,
+            base_offset=first.base_offset,
+            append_time_ns=batches[-1].append_time_ns,
+            keys=[key for batch in batches for key in batch.keys],
+            payload_sizes=[size for batch in batches for size in batch.payload_sizes],
+            payloads=b"".join(batch.payloads for batch in batches),
+            headers=first.headers,
+            message_headers=message_headers,
+            payload_type=first.payload_type,
+        )
+
+    @classmethod
     def from_proto(cls, message: log_service_pb2.LogBatch) -> RecordBatch:
         """Decode the wire/disk form."""
         return cls(
