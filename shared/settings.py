@@ -124,6 +124,14 @@ class FeaturesSettings(BaseModel):
     """A YAML file of feature definitions added to the built-in ones."""
 
 
+class ActivationSettings(BaseModel):
+    """How deliveries are retried before they go to the dead-letter queue."""
+
+    max_attempts: int = Field(default=8, ge=1)
+    initial_backoff_seconds: float = Field(default=1.0, gt=0)
+    max_backoff_seconds: float = Field(default=300.0, gt=0)
+
+
 class Settings(BaseSettings):
     """Everything a profilemesh process can be configured with."""
 
@@ -145,6 +153,7 @@ class Settings(BaseSettings):
     ingestion: IngestionSettings = IngestionSettings()
     identity: IdentitySettings = IdentitySettings()
     features: FeaturesSettings = FeaturesSettings()
+    activation: ActivationSettings = ActivationSettings()
 
     grace_seconds: float = Field(default=5.0, ge=0)
     """On SIGTERM, how long in-flight calls may finish before they are cancelled."""

@@ -76,6 +76,31 @@ IMPLEMENTED = {
             "ScoreLookalikes",
         )
     ),
+    *(
+        f"/profilemesh.activation.v1.ActivationService/{name}"
+        for name in (
+            "CreateSegment",
+            "GetSegment",
+            "ListSegments",
+            "UpdateSegment",
+            "DeleteSegment",
+            "ListMembers",
+            "GetMembership",
+            "CountMembers",
+            "EvaluateSegments",
+            "GetSegmentEvaluation",
+            "GetMembershipHistory",
+            "ListActivators",
+            "CreateDestination",
+            "GetDestination",
+            "ListDestinations",
+            "UpdateDestination",
+            "DeleteDestination",
+            "ListDeadLetters",
+            "RetryDeadLetters",
+            "GetUnifiedProfile",
+        )
+    ),
 }
 """Full method names that do real work; grows as the services are built."""
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from profilemesh.features.v1 import features_service_pb2, features_service_pb2_grpc
 from profilemesh.services.features.domain import Features
-from profilemesh.services.features.identity_lookup import IdentityLookup
 from profilemesh.services.features.servicer import FeaturesServicer
 from profilemesh.shared.channel import channel_to
+from profilemesh.shared.identity_lookup import IdentityLookup
 from profilemesh.shared.log.hosting import host_log, remote_log
 from profilemesh.shared.server import bind
 from profilemesh.shared.service_app import ServiceApp

@@ -111,8 +111,12 @@ class Applier:
                         published.append(_removed(other, survivor))
                 elif change == "profile_unmerged":
                     self.events.append(rows)
-                    for profile_id in self._unmerge(entry.profile_unmerged):
-                        touch(profile_id)
+                    unmerged = entry.profile_unmerged
+                    # Before the split, so that what each resulting profile now has is a change.
+                    touch(self.states.canonical(unmerged.original_profile_id))
+                    for resulting in unmerged.resulting_profiles:
+                        touch(resulting.profile_id)
+                    self._unmerge(unmerged)
                 elif change == "profile_deleted":
                     self.events.append(rows)
                     deleted = self.states.canonical(entry.profile_deleted.profile_id)

@@ -13,9 +13,9 @@ from profilemesh.features.v1 import backfill_pb2, feature_vector_pb2, features_s
 from profilemesh.features.v1 import features_service_pb2 as service_pb2
 from profilemesh.services.features.definitions import definition_from_proto
 from profilemesh.services.features.domain import BackfillJob, Features
-from profilemesh.services.features.identity_lookup import IdentityLookup
 from profilemesh.services.features.values import feature_values, timestamp
 from profilemesh.shared.errors import FailedPrecondition, InvalidArgument, NotFound
+from profilemesh.shared.identity_lookup import IdentityLookup
 
 DEFAULT_CHUNK_ROWS = 65_536
 MAX_BATCH_PROFILES = 1_000

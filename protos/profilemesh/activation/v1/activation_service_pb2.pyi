@@ -26,6 +26,66 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class GetUnifiedProfileRequest(_message.Message):
+    """Request of ActivationService.GetUnifiedProfile."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROFILE_ID_FIELD_NUMBER: _builtins.int
+    IDENTIFIER_FIELD_NUMBER: _builtins.int
+    RECENT_EVENTS_LIMIT_FIELD_NUMBER: _builtins.int
+    profile_id: _builtins.str
+    """Profile id, current or retired."""
+    recent_events_limit: _builtins.int
+    """Largest number of recent events to include, newest first; 0 means 20, values above 100 are
+    treated as 100.
+    """
+    @_builtins.property
+    def identifier(self) -> _identifier_pb2.Identifier:
+        """Any identifier of the person, e.g. {type: "email", value: "ann@example.com"}."""
+
+    def __init__(
+        self,
+        *,
+        profile_id: _builtins.str = ...,
+        identifier: _identifier_pb2.Identifier | None = ...,
+        recent_events_limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["identifier", b"identifier", "lookup", b"lookup", "profile_id", b"profile_id"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["identifier", b"identifier", "lookup", b"lookup", "profile_id", b"profile_id", "recent_events_limit", b"recent_events_limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_lookup: _TypeAlias = _typing.Literal["profile_id", "identifier"]  # noqa: Y015
+    _WhichOneofArgType_lookup: _TypeAlias = _typing.Literal["lookup", b"lookup"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_lookup) -> _WhichOneofReturnType_lookup | None: ...
+
+Global___GetUnifiedProfileRequest: _TypeAlias = GetUnifiedProfileRequest  # noqa: Y015
+
+@_typing.final
+class GetUnifiedProfileResponse(_message.Message):
+    """Response of ActivationService.GetUnifiedProfile."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROFILE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def profile(self) -> _profile_pb2.UnifiedProfile:
+        """The person's profile, every part filled in as far as it is known."""
+
+    def __init__(
+        self,
+        *,
+        profile: _profile_pb2.UnifiedProfile | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUnifiedProfileResponse: _TypeAlias = GetUnifiedProfileResponse  # noqa: Y015
+
+@_typing.final
 class CreateSegmentRequest(_message.Message):
     """Request of ActivationService.CreateSegment."""
 

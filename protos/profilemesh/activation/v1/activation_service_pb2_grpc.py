@@ -132,6 +132,11 @@ class ActivationServiceStub:
                 request_serializer=profilemesh_dot_activation_dot_v1_dot_activation__service__pb2.RetryDeadLettersRequest.SerializeToString,
                 response_deserializer=profilemesh_dot_activation_dot_v1_dot_activation__service__pb2.RetryDeadLettersResponse.FromString,
                 _registered_method=True)
+        self.GetUnifiedProfile = channel.unary_unary(
+                '/profilemesh.activation.v1.ActivationService/GetUnifiedProfile',
+                request_serializer=profilemesh_dot_activation_dot_v1_dot_activation__service__pb2.GetUnifiedProfileRequest.SerializeToString,
+                response_deserializer=profilemesh_dot_activation_dot_v1_dot_activation__service__pb2.GetUnifiedProfileResponse.FromString,
+                _registered_method=True)
 
 
 class ActivationServiceServicer:
@@ -280,6 +285,16 @@ class ActivationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUnifiedProfile(self, request, context):
+        """Returns everything known about a person now, by any identifier: identities, traits,
+        consent and recent events (asked of identity, which resolves the identifier) with features,
+        scores and their reasons, clusters and segment memberships (activation's own views, fed by
+        the logs of features and scoring). NOT_FOUND when no profile has the identifier.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ActivationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -377,6 +392,11 @@ def add_ActivationServiceServicer_to_server(servicer, server):
                     servicer.RetryDeadLetters,
                     request_deserializer=profilemesh_dot_activation_dot_v1_dot_activation__service__pb2.RetryDeadLettersRequest.FromString,
                     response_serializer=profilemesh_dot_activation_dot_v1_dot_activation__service__pb2.RetryDeadLettersResponse.SerializeToString,
+            ),
+            'GetUnifiedProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUnifiedProfile,
+                    request_deserializer=profilemesh_dot_activation_dot_v1_dot_activation__service__pb2.GetUnifiedProfileRequest.FromString,
+                    response_serializer=profilemesh_dot_activation_dot_v1_dot_activation__service__pb2.GetUnifiedProfileResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -895,6 +915,33 @@ class ActivationService:
             '/profilemesh.activation.v1.ActivationService/RetryDeadLetters',
             profilemesh_dot_activation_dot_v1_dot_activation__service__pb2.RetryDeadLettersRequest.SerializeToString,
             profilemesh_dot_activation_dot_v1_dot_activation__service__pb2.RetryDeadLettersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUnifiedProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/profilemesh.activation.v1.ActivationService/GetUnifiedProfile',
+            profilemesh_dot_activation_dot_v1_dot_activation__service__pb2.GetUnifiedProfileRequest.SerializeToString,
+            profilemesh_dot_activation_dot_v1_dot_activation__service__pb2.GetUnifiedProfileResponse.FromString,
             options,
             channel_credentials,
             insecure,

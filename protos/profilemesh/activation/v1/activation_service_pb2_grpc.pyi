@@ -88,6 +88,12 @@ class ActivationServiceStub:
     """Puts dead-lettered deliveries back in the outbox for new attempts (with the same idempotency
     keys). Consent and frequency caps are checked again.
     """
+    GetUnifiedProfile: _grpc.UnaryUnaryMultiCallable[_activation_service_pb2.GetUnifiedProfileRequest, _activation_service_pb2.GetUnifiedProfileResponse]
+    """Returns everything known about a person now, by any identifier: identities, traits,
+    consent and recent events (asked of identity, which resolves the identifier) with features,
+    scores and their reasons, clusters and segment memberships (activation's own views, fed by
+    the logs of features and scoring). NOT_FOUND when no profile has the identifier.
+    """
 
 @_typing.type_check_only
 class ActivationServiceAsyncStub(ActivationServiceStub):
@@ -148,6 +154,12 @@ class ActivationServiceAsyncStub(ActivationServiceStub):
     RetryDeadLetters: _aio.UnaryUnaryMultiCallable[_activation_service_pb2.RetryDeadLettersRequest, _activation_service_pb2.RetryDeadLettersResponse]  # type: ignore[assignment]
     """Puts dead-lettered deliveries back in the outbox for new attempts (with the same idempotency
     keys). Consent and frequency caps are checked again.
+    """
+    GetUnifiedProfile: _aio.UnaryUnaryMultiCallable[_activation_service_pb2.GetUnifiedProfileRequest, _activation_service_pb2.GetUnifiedProfileResponse]  # type: ignore[assignment]
+    """Returns everything known about a person now, by any identifier: identities, traits,
+    consent and recent events (asked of identity, which resolves the identifier) with features,
+    scores and their reasons, clusters and segment memberships (activation's own views, fed by
+    the logs of features and scoring). NOT_FOUND when no profile has the identifier.
     """
 
 class ActivationServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -320,6 +332,18 @@ class ActivationServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_activation_service_pb2.RetryDeadLettersResponse, _abc.Awaitable[_activation_service_pb2.RetryDeadLettersResponse]]:
         """Puts dead-lettered deliveries back in the outbox for new attempts (with the same idempotency
         keys). Consent and frequency caps are checked again.
+        """
+
+    @_abc_1.abstractmethod
+    def GetUnifiedProfile(
+        self,
+        request: _activation_service_pb2.GetUnifiedProfileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_activation_service_pb2.GetUnifiedProfileResponse, _abc.Awaitable[_activation_service_pb2.GetUnifiedProfileResponse]]:
+        """Returns everything known about a person now, by any identifier: identities, traits,
+        consent and recent events (asked of identity, which resolves the identifier) with features,
+        scores and their reasons, clusters and segment memberships (activation's own views, fed by
+        the logs of features and scoring). NOT_FOUND when no profile has the identifier.
         """
 
 def add_ActivationServiceServicer_to_server(servicer: ActivationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
