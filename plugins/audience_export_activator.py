@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -57,19 +56,24 @@ from profilemesh.shared.extension_points import (
     JSONValue,
 )
 from profilemesh.shared.hookspecs import hookimpl
+from profilemesh.shared.pii import (
+    PhoneFormat,
+    normalise_email,
+    normalise_other,
+    normalise_phone,
+    sha256_hex,
+)
 
 logger = logging.getLogger(__name__)
 
 HashKind: TypeAlias = Literal["email", "phone", "other"]
 """How a hashed field is normalised before hashing."""
 
-PhoneFormat: TypeAlias = Literal["e164", "digits"]
 """``e164`` (``+31612345678``, Google) or E.164 digits without the ``+`` (Meta)."""
 
 FIXED_COLUMNS = ("action", "segment_id", "occurred_at")
 """The columns every row starts with, before the hashed and plain fields."""
 
-_GMAIL_DOMAINS = frozenset({"gmail.com", "googlemail.com"})
 Row: TypeAlias = dict[str, str | None]
 
 
@@ -275,50 +279,6 @@ class AudienceExportActivator(Activator):
     def _unwritable(self, error: Exception) -> DeliveryOutcome:
         # A full disk, a permission or a foreign file fixed by an operator: retry, not dead-letter.
         return DeliveryOutcome.retryable(f"cannot append to {self.config.path}: {error}")
-
-
-def normalise_email(value: str, *, gmail_remove_dots: bool = False) -> str:
-    """``value`` trimmed and lower-cased; with ``gmail_remove_dots``, Google's Gmail rule too.
-
-    Raises ``ValueError`` for a value that is not a single address.
-    """
-    address = value.strip().lower()
-    local, at, domain = address.rpartition("@")
-    if not (local and at and domain) or any(c.isspace() for c in address):
-        raise ValueError("not an email address")
-    if gmail_remove_dots and domain in _GMAIL_DOMAINS:
-        local = local.replace(".", "")
-        if not local:
-            raise ValueError("not an email address")
-    return f"{local}@{domain}"
-
-
-def normalise_phone(
-    value: str, region: str | None = None, phone_format: PhoneFormat = "e164"
-) -> str:
-    """``value`` as E.164 (``+31612345678``), or its digits alone with ``phone_format="digits"``.
-
-    ``region`` is the country of a number written without a country code. Raises ``ValueError``
-    for a value that is not a valid phone number.
-    """
-    try:
-        number = phonenumbers.parse(value, region)
-    except phonenumbers.NumberParseException as error:
-        raise ValueError(f"not a phone number: {error}") from None
-    if not phonenumbers.is_valid_number(number):
-        raise ValueError("not a valid phone number")
-    e164 = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
-    return e164 if phone_format == "e164" else e164.removeprefix("+")
-
-
-def normalise_other(value: str) -> str:
-    """``value`` trimmed and lower-cased, as the platforms ask for names."""
-    return value.strip().lower()
-
-
-def sha256_hex(text: str) -> str:
-    """The lowercase hex SHA-256 of ``text`` in UTF-8."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _append_csv(path: Path, columns: list[str], rows: list[Row]) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from profilemesh.services.import_command import add_import_parser, run_import
+from profilemesh.services.profile_command import add_profile_parser, run_profile
 from profilemesh.services.records_command import add_records_parser, run_records
 from profilemesh.services.scoring_commands import add_scoring_parsers, run_scoring_command
 from profilemesh.shared.settings import SERVICE_NAMES, Settings
@@ -43,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     add_import_parser(commands)
     add_records_parser(commands)
     add_scoring_parsers(commands)
+    add_profile_parser(commands)
     return parser
 
 
@@ -73,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_import(args, settings)
     if args.command == "records":
         return run_records(args)
+    if args.command == "profile":
+        return run_profile(args, settings)
     if args.command in ("train", "score", "segments"):
         return run_scoring_command(args, settings)
 

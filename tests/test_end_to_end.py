@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import random
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -241,6 +244,19 @@ async def _journey(settings: Settings, webhook: WebhookReceiver, smtp: SmtpRecei
         assert [c.clustering for c in profile.clusters] == ["behaviour"]
         assert profile.recent_events and profile.recent_events[0].name == "Order Completed"
         assert [s.segment_id for s in profile.segments] == []  # she left
+
+    # The command line shows the same profile readably.
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "profilemesh.services.cli", "profile", "email:ANN@example.com"],
+        env={**os.environ, **settings.to_env()},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert profile.profile_id in result.stdout
+    assert "orders_lifetime" in result.stdout and "churn" in result.stdout
 
 
 def _same_parts(a: Any, b: Any) -> bool:
