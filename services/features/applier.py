@@ -19,7 +19,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from google.protobuf.message import DecodeError
@@ -27,8 +27,9 @@ from google.protobuf.message import DecodeError
 from profilemesh.common.v1 import removal_pb2
 from profilemesh.features.v1 import feature_log_pb2
 from profilemesh.identity.v1 import resolution_log_pb2
+from profilemesh.services.features.definitions import FeatureSet
 from profilemesh.services.features.event_store import EventStore, PendingRows
-from profilemesh.services.features.inputs import anchor_of, feature_event
+from profilemesh.services.features.inputs import anchor_of, feature_event, kind_and_name
 from profilemesh.services.features.registry import Registry
 from profilemesh.services.features.state_table import StateTable, build_states
 from profilemesh.services.features.values import feature_values, timestamp
@@ -72,16 +73,17 @@ class Applier:
             message_ids: dict[str, str] = {}
             rows = PendingRows()
 
+            entries = _decode(batch)
+            # Which features each profile's events can change, so that only those are compared
+            # before and after (None: anything can, after a merge, unmerge or deletion).
+            scope = _scopes(entries, feature_set, self.states.canonical)
+
             def touch(profile_id: str) -> None:
                 if profile_id not in before:
-                    before[profile_id] = self.states.values(profile_id, feature_set, now)
+                    names = scope.get(profile_id)
+                    before[profile_id] = self.states.values(profile_id, feature_set, now, names)
 
-            for index, payload in enumerate(batch.payload_list()):
-                try:
-                    entry = resolution_log_pb2.ResolutionEntry.FromString(payload)
-                except DecodeError:
-                    log.warning("skipped an undecodable entry at %d", batch.base_offset + index)
-                    continue
+            for index, entry in entries:
                 change = entry.WhichOneof("change")
                 if change == "event_resolved":
                     resolved = entry.event_resolved
@@ -132,7 +134,7 @@ class Applier:
             for profile_id, old in before.items():
                 if not self.states.has(profile_id):
                     continue
-                new = self.states.values(profile_id, feature_set, now)
+                new = self.states.values(profile_id, feature_set, now, scope.get(profile_id))
                 changed = {name: value for name, value in new.items() if old.get(name) != value}
                 if changed:
                     published.append(
@@ -157,6 +159,38 @@ class Applier:
         with self.lock:
             self.states.rebuild(rebuilt)
         return affected
+
+
+def _decode(batch: RecordBatch) -> list[tuple[int, resolution_log_pb2.ResolutionEntry]]:
+    """The batch's entries with their positions; undecodable ones are logged and skipped."""
+    entries = []
+    for index, payload in enumerate(batch.payload_list()):
+        try:
+            entries.append((index, resolution_log_pb2.ResolutionEntry.FromString(payload)))
+        except DecodeError:
+            log.warning("skipped an undecodable entry at %d", batch.base_offset + index)
+    return entries
+
+
+def _scopes(
+    entries: list[tuple[int, resolution_log_pb2.ResolutionEntry]],
+    feature_set: FeatureSet,
+    canonical: Callable[[str], str],
+) -> dict[str, tuple[str, ...] | None]:
+    """Per profile, the feature names its events in the batch can change; a batch with any
+    merge, unmerge or deletion compares every feature of every profile it touches."""
+    sources: dict[str, set[str]] = {}
+    for _, entry in entries:
+        change = entry.WhichOneof("change")
+        if change in ("profiles_merged", "profile_unmerged", "profile_deleted"):
+            return {}
+        if change != "event_resolved":
+            continue
+        resolved = entry.event_resolved
+        kind, name = kind_and_name(resolved.item)
+        keys = sources.setdefault(canonical(resolved.profile_id), set())
+        keys.update(source.key for source in feature_set.sources_for(kind, name))
+    return {p: feature_set.affected_names(frozenset(k)) for p, k in sources.items()}
 
 
 def _removed(profile_id: str, survivor: str, job_id: str = "") -> tuple[str, bytes]:

@@ -1231,6 +1231,15 @@ def source_spec(definition: FeatureDefinition) -> str:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class ValuePlan:
+    """What :meth:`FeatureSet.value_plan` returns."""
+
+    sources: tuple[tuple[Source, tuple[FeatureDefinition, ...]], ...]
+    derived: tuple[FeatureDefinition, ...]
+    names: tuple[str, ...]
+
+
 class FeatureSet:
     """The definitions in force: the built-ins and the given ones, the latest version of each
     name, checked as a whole (unknown or cyclic references of derived features, two different
@@ -1257,6 +1266,8 @@ class FeatureSet:
         self.sources: tuple[Source, ...] = _sources(self.definitions)
         self._source_of = {d.name: s for s in self.sources for d in s.definitions}
         self._plans: dict[tuple[str, str], ReadingPlan] = {}
+        self._value_plans: dict[tuple[str, ...] | None, ValuePlan] = {}
+        self._affected: dict[frozenset[str], tuple[str, ...]] = {}
 
     def __iter__(self) -> Iterator[FeatureDefinition]:
         return iter(self.definitions)
@@ -1298,6 +1309,47 @@ class FeatureSet:
                 )
             )
         return plan
+
+    def value_plan(self, names: Iterable[str] | None = None) -> ValuePlan:
+        """How to compute ``names`` (the visible features when None): the sources to read
+        with their aggregated definitions, the derived ones in order, and the names asked
+        for. Built once per set of names and kept: reads ask for the same sets again and
+        again."""
+        key = None if names is None else tuple(names)
+        plan = self._value_plans.get(key)
+        if plan is None:
+            needed = self.closure(key)
+            grouped: dict[str, tuple[Source, list[FeatureDefinition]]] = {}
+            for definition in needed:
+                if not definition.derived:
+                    source = self.source_of(definition.name)
+                    grouped.setdefault(source.key, (source, []))[1].append(definition)
+            plan = ValuePlan(
+                sources=tuple((source, tuple(defs)) for source, defs in grouped.values()),
+                derived=tuple(d for d in needed if d.derived),
+                names=tuple(d.name for d in self.resolve(key)),
+            )
+            if len(self._value_plans) < 1024:  # bounded: callers could ask for any subset
+                self._value_plans[key] = plan
+        return plan
+
+    def affected_names(self, source_keys: frozenset[str]) -> tuple[str, ...]:
+        """The visible features an event read by these sources can change: their own, and the
+        derived ones that read them (directly or not). Kept per set of sources."""
+        found = self._affected.get(source_keys)
+        if found is None:
+            changed = {
+                d.name
+                for d in self.definitions
+                if not d.derived and self._source_of[d.name].key in source_keys
+            }
+            for definition in self.definitions:  # evaluation order: inputs come first
+                if definition.derived and changed & set(references(definition.tree)):
+                    changed.add(definition.name)
+            found = tuple(d.name for d in self.visible if d.name in changed)
+            if len(self._affected) < 4096:
+                self._affected[source_keys] = found
+        return found
 
     def closure(self, names: Iterable[str] | None = None) -> tuple[FeatureDefinition, ...]:
         """The definitions needed to compute ``names`` (the visible features when None): those

@@ -12,6 +12,7 @@ from typing import Any
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from profilemesh.identity.v1 import resolution_log_pb2
+from profilemesh.ingestion.v1 import event_log_pb2
 from profilemesh.services.features.events import FeatureEvent
 
 RECORD = "record"
@@ -70,6 +71,23 @@ def feature_event(resolved: resolution_log_pb2.EventResolved, profile_id: str) -
         properties=properties,
         context=context,
     )
+
+
+def kind_and_name(item: event_log_pb2.IngestedItem) -> tuple[str, str]:
+    """An item's event type and name as definitions match them (without decoding properties)."""
+    if item.HasField("record"):
+        return RECORD, item.record.source or item.source
+    event = item.event
+    kind = event.WhichOneof("body") or ""
+    if kind == "track":
+        return kind, event.track.event
+    if kind == "page":
+        return kind, event.page.name
+    if kind == "screen":
+        return kind, event.screen.name
+    if kind == "group":
+        return kind, event.group.group_id
+    return kind, ""
 
 
 def anchor_of(resolved: resolution_log_pb2.EventResolved) -> str:

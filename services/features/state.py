@@ -46,7 +46,7 @@ from __future__ import annotations
 import base64
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final, TypeAlias
 
 import numpy as np
@@ -453,25 +453,19 @@ class ProfileState:
     ) -> dict[str, Any]:
         """Every visible feature (or those of ``names``) as of ``as_of_ns``, derived features
         evaluated after their inputs; see the module docstring for what whole cells imply."""
-        needed = feature_set.closure(names)
+        plan = feature_set.value_plan(names)
         as_of_day = as_of_ns // NS_PER_DAY
         results: dict[str, Any] = {}
-        by_source: dict[str, tuple[Source, list[FeatureDefinition]]] = {}
-        for definition in needed:
-            if not definition.derived:
-                source = feature_set.source_of(definition.name)
-                by_source.setdefault(source.key, (source, []))[1].append(definition)
-        for source, definitions in by_source.values():
+        for source, definitions in plan.sources:
             results.update(self._source_values(source, definitions, as_of_ns, as_of_day))
-        for definition in needed:
-            if definition.derived:
-                results[definition.name] = evaluate(definition.tree, results)
-        return {d.name: results[d.name] for d in feature_set.resolve(names)}
+        for definition in plan.derived:
+            results[definition.name] = evaluate(definition.tree, results)
+        return {name: results[name] for name in plan.names}
 
     def _source_values(
         self,
         source: Source,
-        definitions: list[FeatureDefinition],
+        definitions: Sequence[FeatureDefinition],
         as_of_ns: int,
         as_of_day: int,
     ) -> dict[str, Any]:

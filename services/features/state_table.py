@@ -93,12 +93,19 @@ class StateTable:
         """Whether the profile, or the profile it was merged into, has state."""
         return self.canonical(profile_id) in self._states
 
-    def values(self, profile_id: str, feature_set: FeatureSet, as_of_ns: int) -> dict[str, Any]:
-        """Every feature of the profile as of ``as_of_ns`` (an unknown profile has no events)."""
+    def values(
+        self,
+        profile_id: str,
+        feature_set: FeatureSet,
+        as_of_ns: int,
+        names: Sequence[str] | None = None,
+    ) -> dict[str, Any]:
+        """The profile's features (every visible one, or ``names``) as of ``as_of_ns``; an
+        unknown profile has no events."""
         state = self._states.get(profile_id)
         if state is None:
             state = ProfileState()
-        return state.values(feature_set, as_of_ns)
+        return state.values(feature_set, as_of_ns, names)
 
     def state(self, profile_id: str) -> ProfileState | None:
         return self._states.get(profile_id)
