@@ -22,9 +22,10 @@ test: $(INSTALLED)
 	$(BIN)/pytest -q
 
 demo: $(INSTALLED)
-	$(BIN)/profilemesh up
+	$(BIN)/profilemesh demo
 
-up: demo
+up: $(INSTALLED)
+	$(BIN)/profilemesh up
 
 # Regenerate the Python code and .pyi stubs beside every .proto file.
 protos: $(INSTALLED)

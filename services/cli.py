@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from profilemesh.services.generator.command import add_generate_parser, run_generate
 from profilemesh.services.import_command import add_import_parser, run_import
 from profilemesh.services.profile_command import add_profile_parser, run_profile
 from profilemesh.services.records_command import add_records_parser, run_records
@@ -43,8 +44,25 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("plugins", help="list installed plugins and what they register")
     add_import_parser(commands)
     add_records_parser(commands)
+    add_generate_parser(commands)
     add_scoring_parsers(commands)
     add_profile_parser(commands)
+    demo = commands.add_parser(
+        "demo", help="run the whole mesh on generated data and write a report"
+    )
+    demo.add_argument(
+        "--customers", type=int, default=5_000, help="customers to generate (default 5,000)"
+    )
+    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path("profilemesh-data"),
+        help="where everything the demo writes goes (default: ./profilemesh-data)",
+    )
+    demo.add_argument(
+        "--keep-running", action="store_true", help="leave the mesh up after the report"
+    )
     return parser
 
 
@@ -56,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as error:
         print(f"profilemesh: invalid settings:\n{error}", file=sys.stderr)
         return 2
-    if getattr(args, "data_dir", None) is not None:
+    if getattr(args, "data_dir", None) is not None and args.command != "demo":
         settings = settings.model_copy(update={"data_dir": args.data_dir})
 
     if args.command == "serve":
@@ -75,6 +93,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_import(args, settings)
     if args.command == "records":
         return run_records(args)
+    if args.command == "generate":
+        return run_generate(args)
+    if args.command == "demo":
+        from profilemesh.services.demo.run import run_demo_command
+
+        return run_demo_command(settings, args, sys.stdout)
     if args.command == "profile":
         return run_profile(args, settings)
     if args.command in ("train", "score", "segments"):

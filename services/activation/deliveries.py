@@ -159,6 +159,43 @@ def queue(
     return len(rows)
 
 
+def queue_current_members(
+    tx: sqlite3.Connection,
+    destination: segment_pb2.Destination,
+    members: Mapping[str, int],
+    views: Callable[[str], ProfileView | None],
+) -> int:
+    """A new destination's first delivery: every current member, as an entry (the moment
+    they entered is part of the key, so a member who leaves and comes back is sent again)."""
+    if destination.paused or ENTERED_TRIGGER not in destination.triggers:
+        return 0
+    now = time.time_ns()
+    rows = [
+        (
+            uuid.uuid4().hex,
+            destination.destination_id,
+            profile_id,
+            destination.segment_id,
+            ENTERED_TRIGGER,
+            PENDING,
+            idempotency_key(
+                entered_at, f"{destination.destination_id}:{profile_id}", ENTERED_TRIGGER
+            ),
+            json.dumps(mapped_fields(views(profile_id), destination.mappings), default=str),
+            entered_at,
+            now,
+        )
+        for profile_id, entered_at in members.items()
+    ]
+    tx.executemany(
+        "INSERT INTO deliveries (delivery_id, destination_id, profile_id, segment_id, trigger,"
+        " state, idempotency_key, fields, occurred_at, created_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        rows,
+    )
+    return len(rows)
+
+
 def queue_sync(
     tx: sqlite3.Connection,
     destination: segment_pb2.Destination,
@@ -307,6 +344,7 @@ class DeliveryWorker:
             await asyncio.to_thread(
                 self._settle, [(r, DEAD_LETTERED, "destination deleted", 0) for r in rows]
             )
+            self.outbox.notify()
             return len(rows)
         if destination.paused:
             return 0
@@ -341,6 +379,7 @@ class DeliveryWorker:
             settled += await self._attempt(destination, sendable)
         if settled:
             await asyncio.to_thread(self._settle, settled)
+            self.outbox.notify()
         return len(settled)
 
     async def _attempt(
@@ -432,7 +471,6 @@ class DeliveryWorker:
                 entry.delivery_attempted.occurred_at.FromNanoseconds(now)
                 entries.append((row["profile_id"], entry.SerializeToString()))
             self.outbox.put(tx, entries)
-        self.outbox.notify()
 
 
 def destination_from_json(data: dict[str, Any]) -> segment_pb2.Destination:

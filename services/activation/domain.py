@@ -114,6 +114,7 @@ class Activation:
         self._worker: deliveries.DeliveryWorker | None = None
         self._consumers: list[LogConsumer[object]] = []
         self._tasks: list[asyncio.Task[Any]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def store(self) -> SqliteConsumerStore:
@@ -138,6 +139,7 @@ class Activation:
             store, outbox, lambda: self.destinations, self._activator, self._view, self.policy
         )
         self._store, self._outbox, self._worker = store, outbox, worker
+        self._loop = asyncio.get_running_loop()
 
         def applied(_: object) -> None:
             outbox.notify()
@@ -199,6 +201,14 @@ class Activation:
             self._store.close()
         self._store = self._outbox = self._worker = None
         self._consumers = []
+
+    def wake(self) -> None:
+        """Something was queued (from any thread): publish and deliver soon."""
+        loop, outbox, worker = self._loop, self._outbox, self._worker
+        if loop is None or outbox is None or worker is None or loop.is_closed():
+            return
+        loop.call_soon_threadsafe(outbox.notify)
+        loop.call_soon_threadsafe(worker.notify)
 
     def _view(self, profile_id: str) -> Any:
         with self.lock:
@@ -379,9 +389,7 @@ class Activation:
             message.state, message.error = job_pb2.JOB_STATE_FAILED, str(error)
         finally:
             message.finished_at.GetCurrentTime()
-            self.outbox.notify()
-            if self._worker is not None:
-                self._worker.notify()
+            self.wake()
 
     # -- destinations -------------------------------------------------------------------------
 
@@ -392,7 +400,7 @@ class Activation:
         stored.destination_id = f"dest-{uuid.uuid4().hex[:12]}"
         stored.create_time.GetCurrentTime()
         stored.update_time.CopyFrom(stored.create_time)
-        self._save_destination(stored)
+        self._save_destination(stored, initial_sync=True)
         return stored
 
     def update_destination(
@@ -445,13 +453,21 @@ class Activation:
                 violations=[(f"destination.{v.field}", v.description) for v in error.violations],
             ) from None
 
-    def _save_destination(self, destination: segment_pb2.Destination) -> None:
-        with self.store.transaction() as tx:
+    def _save_destination(
+        self, destination: segment_pb2.Destination, *, initial_sync: bool = False
+    ) -> None:
+        """Store a destination; a new one starts with the segment's current members, as a
+        destination connected to an existing audience does."""
+        with self.store.transaction() as tx, self.lock:
             tx.execute(
                 "INSERT OR REPLACE INTO destinations VALUES (?, ?)",
                 (destination.destination_id, destination.SerializeToString()),
             )
-        self.destinations[destination.destination_id] = destination
+            self.destinations[destination.destination_id] = destination
+            if initial_sync:
+                members = dict(self.book.members.get(destination.segment_id, {}))
+                deliveries.queue_current_members(tx, destination, members, self.views.get)
+        self.wake()
 
     def get_destination(self, destination_id: str) -> segment_pb2.Destination:
         found = self.destinations.get(destination_id)
@@ -465,6 +481,16 @@ class Activation:
         self.get_destination(destination_id)
         with self.store.transaction() as tx:
             tx.execute("DELETE FROM destinations WHERE destination_id = ?", (destination_id,))
+            # Its queued and dead-lettered deliveries have nowhere to go any more.
+            tx.execute(
+                "DELETE FROM deliveries WHERE destination_id = ? AND state IN (?, ?, ?)",
+                (
+                    destination_id,
+                    deliveries.PENDING,
+                    deliveries.RETRYING,
+                    deliveries.DEAD_LETTERED,
+                ),
+            )
         del self.destinations[destination_id]
         cached = self._activators.pop(destination_id, None)
         if cached is not None:
@@ -494,6 +520,7 @@ class Activation:
                 "INSERT OR REPLACE INTO activation_settings VALUES ('daily_sync_day', ?)",
                 (str(day),),
             )
+        self.wake()
 
     # -- dead letters ---------------------------------------------------------------------------
 
@@ -536,8 +563,7 @@ class Activation:
                     " WHERE state = ? AND (? = '' OR destination_id = ?)",
                     (deliveries.PENDING, deliveries.DEAD_LETTERED, destination_id, destination_id),
                 ).rowcount
-        if self._worker is not None:
-            self._worker.notify()
+        self.wake()
         return count
 
     # -- the unified profile ----------------------------------------------------------------------
