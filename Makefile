@@ -56,8 +56,9 @@ format: $(INSTALLED)
 breaking: $(INSTALLED)
 	$(BIN)/buf breaking --against '.git#branch=main'
 
+# Every benchmark, one JSON file and a markdown table (add --quick for a fast pass).
 bench: $(INSTALLED)
-	$(BIN)/python bench/rpc.py --quick
+	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
