@@ -394,3 +394,22 @@ def test_top_decile_lift_is_one_for_a_constant_score_and_one_over_the_rate_at_be
     perfect = np.linspace(1.0, 0.0, 1000)
     assert top_decile_lift(labels, perfect) == pytest.approx(0.05 / 0.1 / 0.05)
     assert top_decile_lift(labels, -perfect) == 0.0
+
+
+def test_training_rows_whose_label_window_reaches_the_validation_period_are_left_out() -> None:
+    day = 86_400 * 10**9
+    cutoffs = np.repeat(np.array([0, 30, 60, 90]) * day, 10)
+    rng = np.random.default_rng(0)
+    training = TrainingSet(
+        feature_names=("a",),
+        matrix=rng.random((40, 1)),
+        labels=np.tile(np.array([0, 1], dtype=np.int8), 20),
+        cutoffs=cutoffs.astype(np.int64),
+        horizon_ns=45 * day,
+    )
+    split = split_rows(training)
+    # Validation is day 90; a 45-day label from day 60 looks into it, from day 30 it does not.
+    assert set(cutoffs[split.train] // day) == {0, 30}
+    with pytest.raises(InvalidArgument) as refused:
+        split_rows(replace(training, horizon_ns=100 * day))
+    assert "horizon" in str(refused.value)

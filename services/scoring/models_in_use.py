@@ -123,6 +123,7 @@ class ModelsInUse:
         self.registry = registry
         self._lock = threading.Lock()
         self._scorers: dict[tuple[str, str], ProfileScorer] = {}
+        self._champion_versions: dict[str, str] = {}
         self._champions: list[ProfileScorer] | None = None
         self._clusterings: list[ClusteringInUse] | None = None
 
@@ -131,17 +132,25 @@ class ModelsInUse:
         with self._lock:
             self._champions = None
             self._clusterings = None
+            self._champion_versions.clear()
 
     def scorer(self, model: str, version: str = "") -> ProfileScorer:
-        """The scorer of a version (the champion when empty); NotFound from the registry."""
+        """The scorer of a version (the champion when empty); NotFound from the registry.
+
+        A cached scorer is found without reading the registry: loading a large booster's text
+        costs milliseconds, which an online score cannot spend."""
+        with self._lock:
+            cached_version = version or self._champion_versions.get(model)
+            scorer = self._scorers.get((model, cached_version)) if cached_version else None
+        if scorer is not None:
+            return scorer
         stored = self.registry.get(model, version)
         key = (stored.metadata.model, stored.metadata.version)
+        scorer = ProfileScorer(stored)
         with self._lock:
-            scorer = self._scorers.get(key)
-        if scorer is None:
-            scorer = ProfileScorer(stored)
-            with self._lock:
-                self._scorers[key] = scorer
+            scorer = self._scorers.setdefault(key, scorer)
+            if not version:
+                self._champion_versions[model] = stored.metadata.version
         return scorer
 
     def champions(self) -> list[ProfileScorer]:

@@ -117,6 +117,7 @@ async def build_training_set(
         labels=outcome[eligible],
         cutoffs=np.asarray(stamps.to_numpy(zero_copy_only=False))[eligible].astype(np.int64),
         baseline_columns=baseline,
+        horizon_ns=plan.horizon_ns,
     )
 
 

@@ -46,6 +46,10 @@ class TrainingSet:
     labels: np.ndarray
     cutoffs: np.ndarray
     baseline_columns: tuple[int, ...] = ()
+    horizon_ns: int = 0
+    """How far after its cut-off a row's label looks. A training row whose label window reaches
+    into the validation period has seen the validation outcomes of the same people, so such
+    rows are left out of training (0: labels look at nothing after the cut-off)."""
 
     def __post_init__(self) -> None:
         _check_features(self.feature_names, self.matrix)
@@ -136,9 +140,18 @@ def split_rows(training: TrainingSet, *, validation_cutoffs: int = 1, seed: int 
         )
     held_out = distinct[-validation_cutoffs:]
     validation = np.isin(training.cutoffs, held_out)
+    # Only rows whose label window closed before the validation period starts: otherwise the
+    # model learns the very outcomes it is then measured on.
+    train = ~validation & (training.cutoffs + training.horizon_ns <= held_out[0])
+    if not train.any():
+        raise InvalidArgument.for_field(
+            "cutoffs",
+            "no training cut-off is at least one horizon before the first validation cut-off"
+            f" ({_format_cutoff(int(held_out[0]))}); add earlier cut-offs or a shorter horizon",
+        )
     tune, measure = _halves(np.flatnonzero(validation), training.cutoffs, training.labels, seed)
     return RowSplit(
-        train=np.flatnonzero(~validation),
+        train=np.flatnonzero(train),
         tune=tune,
         measure=measure,
         validation_cutoffs=tuple(int(c) for c in held_out),
