@@ -298,9 +298,10 @@ class DeliveryWorker:
 
     async def run(self) -> None:
         while True:
+            # Cleared before looking, so that a delivery queued while we look is not missed.
+            self._wakeup.clear()
             sent = await self.run_once()
             if not sent:
-                self._wakeup.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), self.idle_seconds)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -118,8 +119,11 @@ class ViewTable:
         view = self.view(profile_id)
         details = self._details[view.profile_id]
         for value in values:
-            view.features[value.name] = feature_value(value)
-            details.features[value.name] = value.SerializeToString()
+            # Interned: every profile has the same few dozen names; without it, each keeps
+            # its own copies (protobuf hands out a new string on every access).
+            name = sys.intern(value.name)
+            view.features[name] = feature_value(value)
+            details.features[name] = value.SerializeToString()
 
     def set_score(self, profile_id: str, score: profile_pb2.ProfileScore) -> None:
         view = self.view(profile_id)

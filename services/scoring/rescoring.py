@@ -56,7 +56,7 @@ CREATE TABLE IF NOT EXISTS profile_clusters (
 """
 
 TOP_REASONS = 3
-RETRY_SECONDS = 20.0
+RETRY_SECONDS = 5.0
 SCORE_EPSILON = 1e-9
 """Smaller moves are not a change worth telling activation about."""
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
@@ -95,15 +97,8 @@ class RemoteLog(LogReader):
             )
             call = self._stub.Subscribe(request)
             try:
-                async for response in call:
+                async for batch in _joined(call, max_records):
                     failures = 0
-                    if not response.batches:
-                        continue
-                    # The stored batches of one response arrive together: handed on as one,
-                    # a consumer applies them in one transaction instead of one each.
-                    batch = RecordBatch.concat(
-                        [RecordBatch.from_proto(message) for message in response.batches]
-                    )
                     offset = batch.next_offset
                     yield batch
                 if stop_at_end:
@@ -127,3 +122,50 @@ class RemoteLog(LogReader):
 
     async def close(self) -> None:
         await self._channel.close()
+
+
+_END = object()
+
+
+async def _joined(call: Any, max_records: int) -> AsyncIterator[RecordBatch]:
+    """The call's batches, joined: everything that has already arrived (up to
+    ``max_records``) is handed on as one batch, so a consumer that fell behind applies many
+    small stored batches in one transaction instead of one each. A background task reads the
+    stream; its errors surface here."""
+    queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=256)
+
+    async def read() -> None:
+        try:
+            async for response in call:
+                if response.batches:
+                    await queue.put([RecordBatch.from_proto(m) for m in response.batches])
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # handed to the consumer, which raises it
+            await queue.put(error)
+            return
+        await queue.put(_END)
+
+    reader = asyncio.create_task(read())
+    try:
+        while True:
+            item = await queue.get()
+            batches: list[RecordBatch] = []
+            while True:
+                if item is _END or isinstance(item, BaseException):
+                    break
+                batches.extend(item)
+                if sum(len(b) for b in batches) >= max_records or queue.empty():
+                    item = None
+                    break
+                item = queue.get_nowait()
+            if batches:
+                yield RecordBatch.concat(batches)
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+    finally:
+        reader.cancel()
+        with contextlib.suppress(BaseException):
+            await reader
