@@ -292,3 +292,44 @@ async def test_clusters_and_lookalikes(mesh: Mesh) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as empty:
             await stub.ScoreLookalikes(scoring_pb2.ScoreLookalikesRequest())
         assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_the_command_line_trains_scores_and_discovers(mesh: Mesh, tmp_path: Any) -> None:
+    import os
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+
+    env = {**os.environ, **mesh.settings.to_env()}
+
+    def profilemesh(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "profilemesh.services.cli", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    trained_run = await asyncio.to_thread(
+        profilemesh,
+        "train", "churn", "--event", "Order Completed", "--horizon-days", "60",
+        "--eligibility-days", "120", "--features", ",".join(FEATURES),
+    )  # fmt: skip
+    assert trained_run.returncode == 0, trained_run.stderr
+    assert "roc_auc" in trained_run.stdout
+    out = tmp_path / "scores.parquet"
+    scored = await asyncio.to_thread(profilemesh, "score", "churn", "--all", "--out", str(out))
+    assert scored.returncode == 0, scored.stderr
+    assert pq.read_table(out).num_rows == CUSTOMERS
+    one = await asyncio.to_thread(profilemesh, "score", "churn", "--identifier", "user_id:c-3")
+    assert one.returncode == 0 and "score" in one.stdout, one.stderr
+    clusters = await asyncio.to_thread(
+        profilemesh, "segments", "discover", "rfm",
+        "--features", "recency_days,frequency_365d,monetary_365d", "--max-k", "4",
+    )  # fmt: skip
+    assert clusters.returncode == 0, clusters.stderr
+    assert "clusters of 300 profiles" in clusters.stdout
+    missing = await asyncio.to_thread(profilemesh, "score", "nope", "--identifier", "user_id:c-3")
+    assert missing.returncode == 1
