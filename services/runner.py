@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import sys
 
 from profilemesh.shared.json_logging import configure_logging
 from profilemesh.shared.server import ListenError, create_server, serve
@@ -46,12 +47,18 @@ async def run_service(
     log.info("stopped")
 
 
+GIL_SWITCH_SECONDS = 0.0005
+
+
 def serve_main(
     service: str, settings: Settings, *, port: int | None = None, parent_pid: int | None = None
 ) -> int:
     """Entry point of ``profilemesh serve``: set up logging and tracing, serve, exit code."""
     configure_logging(service, settings.log_level, settings.log_format)
     configure_tracing(settings, service)
+    # Consumers apply batches in a worker thread while the event loop serves calls; with the
+    # default 5 ms GIL switch interval a call can wait that long per switch behind a batch.
+    sys.setswitchinterval(GIL_SWITCH_SECONDS)
     try:
         asyncio.run(run_service(service, settings, port=port, parent_pid=parent_pid))
     except ListenError as error:
