@@ -88,6 +88,7 @@ class Demo:
         return factory(self.channels[service])
 
     channels: dict[str, grpc.aio.Channel]
+    pids: list[int]
 
 
 async def run_demo(
@@ -124,12 +125,13 @@ async def run_demo(
     with demo.stage("start the mesh"):
         mesh.start()
         await mesh.wait_until_serving(120)
+        demo.pids = [child.process.pid for child in mesh.children]
     receiver = WebhookReceiver().start()
     try:
         demo.channels = {name: channel_to(name, settings) for name in _SERVICES}
         await _import(demo, generated)
         with demo.stage("resolve identities, compute features, score"):
-            await wait_until_quiet(settings)
+            await wait_until_quiet(settings, demo.pids)
         with demo.stage("compare profiles with the ground truth"):
             truth = evaluation.truth_view(await asyncio.to_thread(load_truth, data_dir / "input"))
             demo.results.identity = await evaluation.identity_quality(
@@ -268,7 +270,7 @@ async def _train(demo: Demo, truth: evaluation.TruthView) -> None:
                 file=demo.out,
                 flush=True,
             )
-        await wait_until_quiet(demo.settings)
+        await wait_until_quiet(demo.settings, demo.pids)
 
 
 async def _model_result(demo: Demo, version: Any, truth: evaluation.TruthView) -> ModelResult:
@@ -326,7 +328,7 @@ async def _cluster(demo: Demo) -> None:
         demo.results.clusters = [
             ClusterRow(c.cluster_id, c.persona, c.size, c.description) for c in clustering.clusters
         ]
-        await wait_until_quiet(demo.settings)
+        await wait_until_quiet(demo.settings, demo.pids)
 
 
 SEGMENTS = (
@@ -396,7 +398,7 @@ async def _activate(demo: Demo, receiver: WebhookReceiver) -> None:
                 await activation.CreateDestination(
                     activation_pb2.CreateDestinationRequest(destination=destination)
                 )
-        await wait_until_quiet(demo.settings, quiet_seconds=4.0)
+        await wait_until_quiet(demo.settings, demo.pids, quiet_seconds=4.0)
         for segment_id, name, expression in SEGMENTS:
             with contextlib.suppress(grpc.aio.AioRpcError):
                 segment = (
