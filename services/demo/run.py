@@ -406,8 +406,21 @@ async def _activate(demo: Demo, receiver: WebhookReceiver) -> None:
                         activation_pb2.GetSegmentRequest(segment_id=segment_id)
                     )
                 ).segment
+                audience = exports / f"{segment_id}.csv"
+                exported = (
+                    max(0, len(audience.read_text().splitlines()) - 1) if audience.exists() else 0
+                )
                 demo.results.segments.append(
-                    SegmentResult(segment_id, name, expression, segment.member_count)
+                    SegmentResult(
+                        segment_id,
+                        name,
+                        expression,
+                        segment.member_count,
+                        deliveries={
+                            "webhook": {"delivered": receiver.by_segment.get(segment_id, 0)},
+                            "audience export": {"delivered": exported},
+                        },
+                    )
                 )
         demo.results.export_rows = sum(
             max(0, len(path.read_text().splitlines()) - 1) for path in exports.glob("*.csv")
@@ -458,12 +471,18 @@ class WebhookReceiver:
 
     def __init__(self) -> None:
         self.keys: set[str] = set()
+        self.by_segment: dict[str, int] = {}
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                receiver.keys.add(self.headers.get("Idempotency-Key", ""))
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                key = self.headers.get("Idempotency-Key", "")
+                if key not in receiver.keys:
+                    receiver.keys.add(key)
+                    with contextlib.suppress(ValueError, AttributeError):
+                        segment = json.loads(body).get("segment_id", "")
+                        receiver.by_segment[segment] = receiver.by_segment.get(segment, 0) + 1
                 self.send_response(200)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
