@@ -276,11 +276,14 @@ class SourceRuns:
         await self._finish(info, state, error)
 
     async def _finish(self, info: SourceRunInfo, state: RunState, error: str) -> None:
-        self._active.pop(info.run_id, None)
         try:
             await asyncio.to_thread(self._store.finish, info.run_id, state, error, _now())
         except sqlite3.Error:
             log.exception("recording the end of source run %s failed", info.run_id)
+        finally:
+            # Only once the final state is stored: until then ``wait`` must find the run
+            # active, or it would read the stored state while it still says RUNNING.
+            self._active.pop(info.run_id, None)
 
     async def _read_all(self, run: _ActiveRun) -> tuple[RunState, str]:
         info = run.info
