@@ -48,6 +48,11 @@ class SqliteConsumerStore(ConsumerStore[sqlite3.Connection]):
             timeout=busy_timeout_seconds,
         )
         self._lock = threading.Lock()
+        self._timeout = busy_timeout_seconds
+        # Reads get a connection per thread: in WAL mode they see the last committed state
+        # without waiting for a write transaction (and its fsync) on the writer's connection.
+        self._readers = threading.local()
+        self._reader_connections: list[sqlite3.Connection] = []
         with self._lock:
             self._connection.execute("PRAGMA journal_mode=WAL")
             self._connection.execute("PRAGMA synchronous=FULL")
@@ -66,14 +71,26 @@ class SqliteConsumerStore(ConsumerStore[sqlite3.Connection]):
                 raise
 
     def read(self, query: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``query`` on the connection in a read transaction (one consistent snapshot)."""
-        with self._lock:
-            self._connection.execute("BEGIN")
-            try:
-                return query(self._connection)
-            finally:
-                if self._connection.in_transaction:
-                    self._connection.execute("ROLLBACK")
+        """Run ``query`` in a read transaction (one consistent snapshot of what was committed),
+        on this thread's own connection, so it never waits for a write in progress."""
+        connection = self._reader()
+        connection.execute("BEGIN")
+        try:
+            return query(connection)
+        finally:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+
+    def _reader(self) -> sqlite3.Connection:
+        connection: sqlite3.Connection | None = getattr(self._readers, "connection", None)
+        if connection is None:
+            connection = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=self._timeout
+            )
+            self._readers.connection = connection
+            with self._lock:
+                self._reader_connections.append(connection)
+        return connection
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -127,6 +144,9 @@ class SqliteConsumerStore(ConsumerStore[sqlite3.Connection]):
         )
 
     def close(self) -> None:
-        """Close the connection (waiting for a transaction in progress to finish)."""
+        """Close the connections (waiting for a transaction in progress to finish)."""
         with self._lock:
             self._connection.close()
+            for reader in self._reader_connections:
+                reader.close()
+            self._reader_connections.clear()
