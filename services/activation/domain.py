@@ -9,9 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import re
-import signal
 import threading
 import time
 import uuid
@@ -43,6 +41,7 @@ from profilemesh.shared.log.embedded import EmbeddedLog
 from profilemesh.shared.log.outbox import Outbox
 from profilemesh.shared.log.sqlite_store import SqliteConsumerStore
 from profilemesh.shared.plugin_manager import PluginSet
+from profilemesh.shared.supervision import fail_stop, stop_background
 
 log = logging.getLogger(__name__)
 
@@ -159,10 +158,10 @@ class Activation:
                 )
             )
         self._tasks = [
-            asyncio.create_task(self._supervise("outbox", outbox.run)),
-            asyncio.create_task(self._supervise("deliveries", worker.run)),
-            asyncio.create_task(self._supervise("daily sync", self._daily_sync)),
-            *(asyncio.create_task(self._supervise(c.name, c.run)) for c in self._consumers),
+            asyncio.create_task(fail_stop("activation", "outbox", outbox.run)),
+            asyncio.create_task(fail_stop("activation", "deliveries", worker.run)),
+            asyncio.create_task(fail_stop("activation", "daily sync", self._daily_sync)),
+            *(asyncio.create_task(fail_stop("activation", c.name, c.run)) for c in self._consumers),
         ]
 
     def _load(self, connection: Any) -> None:
@@ -172,27 +171,8 @@ class Activation:
             destination = segment_pb2.Destination.FromString(blob)
             self.destinations[destination.destination_id] = destination
 
-    async def _supervise(self, name: str, run: Callable[[], object]) -> None:
-        try:
-            await run()  # type: ignore[misc]
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("activation %s failed; stopping the service", name)
-            os.kill(os.getpid(), signal.SIGTERM)
-
     async def close(self) -> None:
-        for consumer in self._consumers:
-            consumer.stop()
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if self._outbox is not None:
-            try:
-                await self._outbox.flush()
-            except Exception:
-                log.exception("publishing the outbox at shutdown failed")
+        await stop_background(self._consumers, self._tasks, self._outbox)
         for _, activator in self._activators.values():
             with contextlib.suppress(Exception):
                 await activator.close()

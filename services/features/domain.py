@@ -9,14 +9,11 @@ consumer never wait long.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
-import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +32,7 @@ from profilemesh.shared.log.consumer import LogConsumer
 from profilemesh.shared.log.embedded import EmbeddedLog
 from profilemesh.shared.log.outbox import Outbox
 from profilemesh.shared.log.sqlite_store import SqliteConsumerStore
+from profilemesh.shared.supervision import fail_stop, stop_background
 
 log = logging.getLogger(__name__)
 
@@ -125,36 +123,16 @@ class Features:
         )
         self._store, self._events, self._outbox, self._consumer = store, events, outbox, consumer
         self._tasks = [
-            asyncio.create_task(self._supervise("outbox", outbox.run)),
-            asyncio.create_task(self._supervise("consumer", consumer.run)),
+            asyncio.create_task(fail_stop("features", "outbox", outbox.run)),
+            asyncio.create_task(fail_stop("features", "consumer", consumer.run)),
         ]
         pending = self.registry.backfilling()
         if pending:  # a backfill was cut short by a restart: run it again
             self.start_backfill(pending)
         threading.Thread(target=self.fit_lifetime_value, name="clv-fit", daemon=True).start()
 
-    async def _supervise(self, name: str, run: Callable[[], object]) -> None:
-        try:
-            await run()  # type: ignore[misc]
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            # The in-memory state may no longer match the store: restart from what committed.
-            log.exception("features %s failed; stopping the service", name)
-            os.kill(os.getpid(), signal.SIGTERM)
-
     async def close(self) -> None:
-        if self._consumer is not None:
-            self._consumer.stop()
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if self._outbox is not None:
-            try:
-                await self._outbox.flush()
-            except Exception:  # what stays queued is published at the next start
-                log.exception("publishing the outbox at shutdown failed")
+        await stop_background([self._consumer] if self._consumer else [], self._tasks, self._outbox)
         if self._store is not None:
             self._store.close()
         if self._events is not None:

@@ -8,11 +8,8 @@ transaction that also queues what the resolution log must say.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
-import os
-import signal
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,6 +28,7 @@ from profilemesh.shared.log.consumer import LogConsumer
 from profilemesh.shared.log.embedded import EmbeddedLog
 from profilemesh.shared.log.outbox import Outbox
 from profilemesh.shared.log.sqlite_store import SqliteConsumerStore
+from profilemesh.shared.supervision import fail_stop, stop_background
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -90,34 +88,13 @@ class Identity:
         )
         self._store, self._graph, self._outbox, self._consumer = store, graph, outbox, consumer
         self._tasks = [
-            asyncio.create_task(self._supervise("outbox", outbox.run)),
-            asyncio.create_task(self._supervise("consumer", consumer.run)),
+            asyncio.create_task(fail_stop("identity", "outbox", outbox.run)),
+            asyncio.create_task(fail_stop("identity", "consumer", consumer.run)),
         ]
-
-    async def _supervise(self, name: str, run: Callable[[], object]) -> None:
-        try:
-            await run()  # type: ignore[misc]
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            # The in-memory graph may no longer match the store: stop the service, so that it
-            # restarts from what was committed.
-            log.exception("identity %s failed; stopping the service", name)
-            os.kill(os.getpid(), signal.SIGTERM)
 
     async def close(self) -> None:
         """Stop following the log, publish what is queued, close the store."""
-        if self._consumer is not None:
-            self._consumer.stop()
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if self._outbox is not None:
-            try:
-                await self._outbox.flush()
-            except Exception:  # what stays queued is published at the next start
-                log.exception("publishing the outbox at shutdown failed")
+        await stop_background([self._consumer] if self._consumer else [], self._tasks, self._outbox)
         if self._store is not None:
             self._store.close()
         self._store = self._graph = self._outbox = self._consumer = None

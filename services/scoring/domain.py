@@ -10,13 +10,10 @@ rescoring consumer commits with its offset in the ``feature-changes`` log.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
-import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +39,7 @@ from profilemesh.shared.log.consumer import LogConsumer
 from profilemesh.shared.log.embedded import EmbeddedLog
 from profilemesh.shared.log.outbox import Outbox
 from profilemesh.shared.log.sqlite_store import SqliteConsumerStore
+from profilemesh.shared.supervision import fail_stop, stop_background
 
 log = logging.getLogger(__name__)
 
@@ -106,31 +104,12 @@ class Scoring:
             consumer,
         )
         self._tasks = [
-            asyncio.create_task(self._supervise("outbox", outbox.run)),
-            asyncio.create_task(self._supervise("consumer", consumer.run)),
+            asyncio.create_task(fail_stop("scoring", "outbox", outbox.run)),
+            asyncio.create_task(fail_stop("scoring", "consumer", consumer.run)),
         ]
 
-    async def _supervise(self, name: str, run: Callable[[], object]) -> None:
-        try:
-            await run()  # type: ignore[misc]
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("scoring %s failed; stopping the service", name)
-            os.kill(os.getpid(), signal.SIGTERM)
-
     async def close(self) -> None:
-        if self._consumer is not None:
-            self._consumer.stop()
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if self._outbox is not None:
-            try:
-                await self._outbox.flush()
-            except Exception:
-                log.exception("publishing the outbox at shutdown failed")
+        await stop_background([self._consumer] if self._consumer else [], self._tasks, self._outbox)
         if self._store is not None:
             self._store.close()
         if self._registry is not None:
