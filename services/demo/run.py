@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import random
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -164,10 +165,14 @@ _SERVICES = ("ingestion", "identity", "features", "scoring", "activation")
 
 
 def _prepare(data_dir: Path, rules: Path) -> None:
-    """The data folder, and identity rules that turn probabilistic matching of the CRM's
+    """A fresh data folder, and identity rules that turn probabilistic matching of the CRM's
     records on (phones without a country code are read as US numbers, as the CRM writes
     them)."""
     data_dir.mkdir(parents=True, exist_ok=True)
+    # A demo starts from nothing: what an earlier run left of the mesh's state and exports
+    # (all under the demo's own folder) would otherwise mix with this run's.
+    for leftover in ("mesh", "exports"):
+        shutil.rmtree(data_dir / leftover, ignore_errors=True)
     rules.write_text("default_region: US\nmatching:\n  enabled: true\n")
 
 
