@@ -16,11 +16,12 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -49,6 +50,10 @@ class _Read:
 
 EVENT_OBJECT_COLUMNS = frozenset({"properties", "traits", "context", "integrations"})
 """CSV columns holding a whole JSON object of a Segment event."""
+
+MAX_LINE_BYTES = 1024 * 1024
+"""Longest JSON Lines line read; a longer one is a problem of its row (an event is at most
+``max_event_bytes``, 32 KB by default, once ingested)."""
 
 
 class FileSourceConfig(BaseModel):
@@ -152,26 +157,62 @@ class CsvSource(_FileSource):
         config = self.config
         with config.path.open(newline="", encoding=config.encoding) as file:
             reader = csv.reader(file, delimiter=config.delimiter)
+            try:
+                yield from self._cells(reader, start)
+            except UnicodeDecodeError as error:
+                # Decoding is by blocks, not lines: the run stops rather than guess the row.
+                raise FailedPrecondition(
+                    f"{config.path} is not {config.encoding} text after line {reader.line_num}"
+                    f" ({error.reason}): set the connector's encoding to the file's"
+                ) from None
+
+    def _cells(self, reader: Any, start: int) -> Iterator[_Read]:
+        config = self.config
+        try:
             header = next(reader, None)
-            # Blank lines are no rows, here and when skipping to the checkpoint.
-            lines = ((reader.line_num, cells) for cells in reader if cells)
-            skipped = sum(1 for _ in islice(lines, start))
-            if skipped < start:
-                raise _shrunk(config.path, f"{skipped} rows", f"row {start}")
-            width = len(header or ())
-            for line, cells in lines:
-                where = f"line {line}"
-                if len(cells) != width:
-                    yield _Read(where, problem=f"{len(cells)} cells; the header has {width}")
-                    continue
-                row = {column: cell for column, cell in zip(header or (), cells, strict=True)}
-                if config.kind == "records":
-                    yield _Read(where, {column: cell for column, cell in row.items() if cell})
-                    continue
-                try:
-                    yield _Read(where, _csv_event(row))
-                except ValueError as error:
-                    yield _Read(where, problem=str(error))
+        except csv.Error as error:
+            raise FailedPrecondition(f"{config.path}: the header is not CSV: {error}") from None
+        # Blank lines are no rows, here and when skipping to the checkpoint.
+        lines = _csv_lines(reader)
+        skipped = sum(1 for _ in islice(lines, start))
+        if skipped < start:
+            raise _shrunk(config.path, f"{skipped} rows", f"row {start}")
+        width = len(header or ())
+        for line, cells in lines:
+            where = f"line {line}"
+            if isinstance(cells, str):
+                yield _Read(where, problem=cells)
+                continue
+            if len(cells) != width:
+                yield _Read(where, problem=f"{len(cells)} cells; the header has {width}")
+                continue
+            row = {column: cell for column, cell in zip(header or (), cells, strict=True)}
+            if config.kind == "records":
+                yield _Read(where, {column: cell for column, cell in row.items() if cell})
+                continue
+            try:
+                yield _Read(where, _csv_event(row))
+            except ValueError as error:
+                yield _Read(where, problem=str(error))
+
+
+def _csv_lines(reader: Any) -> Iterator[tuple[int, list[str] | str]]:
+    """Each row that is not blank as (line, cells), or as (line, why) when the csv module
+    refuses it (a cell over its size limit): the reader then goes on with the next line."""
+    refused_at = -1
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:
+            if reader.line_num == refused_at:  # refused again without reading on: give up
+                raise FailedPrecondition(f"line {refused_at} is not CSV: {error}") from None
+            refused_at = reader.line_num
+            yield reader.line_num, f"not CSV: {error}"
+            continue
+        if cells:
+            yield reader.line_num, cells
 
 
 def _csv_event(row: Mapping[str, str]) -> dict[str, JSONValue]:
@@ -185,6 +226,8 @@ def _csv_event(row: Mapping[str, str]) -> dict[str, JSONValue]:
                 value = json.loads(cell)
             except json.JSONDecodeError as error:
                 raise ValueError(f"column {column!r}: not JSON: {error}") from None
+            except (ValueError, RecursionError) as error:
+                raise ValueError(f"column {column!r}: {_unusable_json(error)}") from None
             if not isinstance(value, dict):
                 raise ValueError(f"column {column!r}: expected a JSON object")
             event.setdefault(column, {}).update(value)
@@ -231,13 +274,32 @@ class JsonlSource(_FileSource):
                     )
             file.seek(start)
             offset = start
-            for raw in file:
-                offset += len(raw)
+            for length, raw in _lines(file, MAX_LINE_BYTES):
+                offset += length
                 line += 1
+                if raw is None:
+                    position.update(offset=offset, line=line)
+                    yield _Read(f"line {line}", problem=f"longer than {MAX_LINE_BYTES:,} bytes")
+                    continue
                 if not raw.strip():
                     continue  # blank lines hold no row; they are not problems either
                 position.update(offset=offset, line=line)
                 yield _json_row(f"line {line}", raw)
+
+
+def _lines(file: BinaryIO, limit: int) -> Iterator[tuple[int, bytes | None]]:
+    """(length, line) for each line of ``file``; a line longer than ``limit`` bytes is read
+    past in pieces and comes as (length, None), so that no line is ever held whole (a file
+    without line breaks would otherwise be read into memory at once)."""
+    while raw := file.readline(limit + 1):
+        if len(raw) <= limit or raw.endswith(b"\n"):
+            yield len(raw), raw
+            continue
+        length = len(raw)
+        while raw and not raw.endswith(b"\n"):
+            raw = file.readline(1 << 20)
+            length += len(raw)
+        yield length, None
 
 
 def _json_row(where: str, raw: bytes) -> _Read:
@@ -247,9 +309,19 @@ def _json_row(where: str, raw: bytes) -> _Read:
         return _Read(where, problem=f"not UTF-8 text: {error.reason}")
     except json.JSONDecodeError as error:
         return _Read(where, problem=f"not JSON: {error.msg} at column {error.colno}")
+    except (ValueError, RecursionError) as error:
+        return _Read(where, problem=_unusable_json(error))
     if not isinstance(value, dict):
         return _Read(where, problem=f"expected a JSON object, got {type(value).__name__}")
     return _Read(where, value)
+
+
+def _unusable_json(error: ValueError | RecursionError) -> str:
+    """Why JSON that parses could not be read: ``json.loads`` refuses nesting past Python's
+    recursion limit and integers past its digit limit."""
+    if isinstance(error, RecursionError):
+        return "not usable JSON: nested too deeply"
+    return f"not usable JSON: a number has more than {sys.get_int_max_str_digits():,} digits"
 
 
 class ParquetSource(_FileSource):

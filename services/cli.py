@@ -10,11 +10,15 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from profilemesh.services.audit_command import add_audit_parser, run_audit
+from profilemesh.services.certs_command import add_certs_parser, run_certs
 from profilemesh.services.generator.command import add_generate_parser, run_generate
 from profilemesh.services.import_command import add_import_parser, run_import
+from profilemesh.services.privacy_commands import add_privacy_parsers, run_privacy_command
 from profilemesh.services.profile_command import add_profile_parser, run_profile
 from profilemesh.services.records_command import add_records_parser, run_records
 from profilemesh.services.scoring_commands import add_scoring_parsers, run_scoring_command
+from profilemesh.services.token_commands import add_tokens_parser, run_tokens
 from profilemesh.shared.settings import SERVICE_NAMES, Settings
 
 
@@ -47,6 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     add_generate_parser(commands)
     add_scoring_parsers(commands)
     add_profile_parser(commands)
+    add_privacy_parsers(commands)
+    add_tokens_parser(commands)
+    add_audit_parser(commands)
+    add_certs_parser(commands)
     demo = commands.add_parser(
         "demo", help="run the whole mesh on generated data and write a report"
     )
@@ -69,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     args = _parser().parse_args(argv)
+    if args.command == "certs":
+        # Before the settings: the variables may already name the files about to be written.
+        return run_certs(args)
     try:
         settings = Settings()
     except ValidationError as error:
@@ -99,8 +110,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from profilemesh.services.demo.run import run_demo_command
 
         return run_demo_command(settings, args, sys.stdout)
+    if args.command == "tokens":
+        return run_tokens(args, settings)
+    if args.command == "audit":
+        return run_audit(args, settings)
     if args.command == "profile":
         return run_profile(args, settings)
+    if args.command in ("forget", "suppress", "unsuppress", "consent"):
+        return run_privacy_command(args, settings)
     if args.command in ("train", "score", "segments"):
         return run_scoring_command(args, settings)
 

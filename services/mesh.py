@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TextIO
 
+from profilemesh.shared.auth.local_admin import prepare_local_admin
 from profilemesh.shared.health_client import check_health
 from profilemesh.shared.settings import SERVICE_NAMES, Settings
 
@@ -50,9 +51,15 @@ class Mesh:
         self.services = tuple(services)
         self.children: list[Child] = []
         self._log_files: list[IO[bytes]] = []
+        self.admin_token_file: Path | None = None
 
     def start(self) -> None:
-        """Start every service process (they become healthy asynchronously)."""
+        """Start every service process (they become healthy asynchronously).
+
+        With auth on and no token configured, every service gets the local admin token (see
+        :mod:`profilemesh.shared.auth.local_admin`), kept in ``admin_token_file``.
+        """
+        self.settings, self.admin_token_file = prepare_local_admin(self.settings)
         log_dir = self.settings.data_dir / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.settings.to_env()}
@@ -175,4 +182,6 @@ def _print_ready(mesh: Mesh, settings: Settings, out: TextIO) -> None:
             f"SERVING  log {child.log_path}",
             file=out,
         )
+    if mesh.admin_token_file is not None:
+        print(f"Admin token in {mesh.admin_token_file} (the CLI reads it there).", file=out)
     print("Press Ctrl-C to stop.", file=out, flush=True)

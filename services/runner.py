@@ -7,6 +7,7 @@ import importlib
 import logging
 import sys
 
+from profilemesh.shared.auth.hosting import guard_app
 from profilemesh.shared.json_logging import configure_logging
 from profilemesh.shared.server import ListenError, create_server, serve
 from profilemesh.shared.service_app import ServiceApp
@@ -17,11 +18,13 @@ log = logging.getLogger(__name__)
 
 
 def load_app(service: str, settings: Settings) -> ServiceApp:
-    """Build the named service from its ``app`` module."""
+    """Build the named service from its ``app`` module, guarded: every call it serves is
+    checked for a token and a scope (when auth is on) and recorded in its audit log."""
     if service not in SERVICE_NAMES:
         raise ValueError(f"unknown service {service!r}; expected one of {', '.join(SERVICE_NAMES)}")
     module = importlib.import_module(f"profilemesh.services.{service}.app")
     app: ServiceApp = module.build_app(settings)
+    guard_app(app, settings)
     return app
 
 

@@ -4,6 +4,9 @@
   ``grpc-status-details-bin`` trailer carrying ``BadRequest`` field violations, ``ErrorInfo``
   (reason, domain, metadata) and, for overload, ``RetryInfo``.
 - ``NotImplementedError`` -> UNIMPLEMENTED (the generated servicer bases raise it).
+- a request whose bytes do not parse as its message (invalid UTF-8 in a string, messages
+  nested too deep, a broken encoding) -> INVALID_ARGUMENT naming the field, instead of the
+  UNKNOWN that gRPC answers when a deserializer raises.
 - anything else -> INTERNAL with the trace id, so the caller can find the stack trace in the
   service's log; the stack trace itself never leaves the process.
 """
@@ -17,10 +20,12 @@ from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from profilemesh.shared.errors import ERROR_DOMAIN, DomainError, ResourceExhausted
+from profilemesh.shared.errors import ERROR_DOMAIN, DomainError, InvalidArgument, ResourceExhausted
 from profilemesh.shared.telemetry import current_trace_id
+from profilemesh.shared.wire_problems import locate
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +98,63 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return wrap_handler(handler, handler_call_details.method)
 
 
+class UndecodableRequest:
+    """A request whose bytes do not parse as its message: the call fails with ``error``."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: InvalidArgument) -> None:
+        self.error = error
+
+
+def request_decoder(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """``deserializer`` returning an :class:`UndecodableRequest` instead of raising: gRPC
+    would answer UNKNOWN, and only the handler can answer INVALID_ARGUMENT."""
+    if deserializer is None:
+        return None
+    descriptor = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError:
+            if descriptor is None:
+                return UndecodableRequest(InvalidArgument("the request is not a valid message"))
+            violation = locate(descriptor, data)
+            return UndecodableRequest(
+                InvalidArgument(
+                    f"the request is not a valid {descriptor.name}: "
+                    + (f"{violation.field}: " if violation.field else "")
+                    + violation.description,
+                    violations=[violation] if violation.field else [],
+                    reason="MALFORMED_REQUEST",
+                )
+            )
+
+    return decode
+
+
+def _decoded(request: Any) -> Any:
+    if isinstance(request, UndecodableRequest):
+        raise request.error
+    return request
+
+
+async def _decoded_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _decoded(request)
+
+
 def wrap_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
     """A copy of ``handler`` whose behaviour turns exceptions into statuses."""
+    decoded = _decoded_stream if handler.request_streaming else _decoded
+    deserializer = request_decoder(handler.request_deserializer)
     if handler.response_streaming:
         behavior = handler.unary_stream or handler.stream_stream
 
         async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             try:
-                result = behavior(request, context)
+                result = behavior(decoded(request), context)
                 if hasattr(result, "__aiter__"):
                     async for response in result:
                         yield response
@@ -121,7 +175,7 @@ def wrap_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodH
         )
         return factory(
             streaming,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=deserializer,
             response_serializer=handler.response_serializer,
         )
 
@@ -129,7 +183,7 @@ def wrap_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodH
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            result = behavior(request, context)
+            result = behavior(decoded(request), context)
             return await result if inspect.isawaitable(result) else result
         except Exception as error:
             if _is_abort(error):
@@ -143,6 +197,6 @@ def wrap_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodH
     )
     return factory(
         unary,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=deserializer,
         response_serializer=handler.response_serializer,
     )

@@ -99,3 +99,17 @@ class Unavailable(DomainError):
 
     code = "UNAVAILABLE"
     default_reason = "UNAVAILABLE"
+
+
+class Unauthenticated(DomainError):
+    """The call carries no valid credentials (missing, malformed, unknown, revoked, expired)."""
+
+    code = "UNAUTHENTICATED"
+    default_reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(DomainError):
+    """The caller is known but may not do this; the message names the scope it lacks."""
+
+    code = "PERMISSION_DENIED"
+    default_reason = "PERMISSION_DENIED"

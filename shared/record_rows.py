@@ -31,6 +31,10 @@ IdentifierType = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]*$", 
 Problem = tuple[str, str]
 """A row that could not be used: where it is (``line 17``) and why."""
 
+MAX_JSON_DEPTH = 100
+"""Levels of nesting a value may have: protobuf's JSON parser refuses deeper ones anyway."""
+_UNUSABLE = "not text an id can be (a lone surrogate, or a number of 4,300+ digits)"
+
 
 class RecordMapping(BaseModel):
     """Which column of a row holds the record's id, its identifiers and its attributes.
@@ -60,21 +64,30 @@ class RecordMapping(BaseModel):
         """The record ``row`` describes; :class:`InvalidArgument` names the unusable columns."""
         violations: list[FieldViolation] = []
         record = record_pb2.CustomerRecord(source=self.source or "")
-        record_id = _text(row.get(self.record_id))
-        if record_id:
-            record.record_id = record_id
-        else:
+        try:
+            record.record_id = record_id = _text(row.get(self.record_id))
+        except ValueError:
             violations.append(
-                FieldViolation("record_id", f"column {self.record_id!r} is missing or empty")
+                FieldViolation("record_id", f"column {self.record_id!r} is {_UNUSABLE}")
             )
+        else:
+            if not record_id:
+                violations.append(
+                    FieldViolation("record_id", f"column {self.record_id!r} is missing or empty")
+                )
         for column, kind in self.identifiers.items():
             value = row.get(column)
             values = value if isinstance(value, list | tuple) else [value]
-            record.identifiers.extend(
-                identifier_pb2.Identifier(type=kind, value=text)
-                for text in map(_text, values)
-                if text
-            )
+            try:
+                record.identifiers.extend(
+                    identifier_pb2.Identifier(type=kind, value=text)
+                    for text in map(_text, values)
+                    if text
+                )
+            except ValueError:
+                violations.append(
+                    FieldViolation("identifiers", f"column {column!r} is {_UNUSABLE}")
+                )
         if self.updated_at is not None and not _empty(row.get(self.updated_at)):
             try:
                 record.updated_at.CopyFrom(parse_timestamp(row[self.updated_at]))
@@ -82,14 +95,14 @@ class RecordMapping(BaseModel):
                 violations.append(
                     FieldViolation("updated_at", f"column {self.updated_at!r}: {error}")
                 )
-        attributes = {
-            column: json_value(row[column])
-            for column in self._attribute_columns(row)
-            if column in row and not _empty(row[column])
-        }
         try:
+            attributes = {
+                column: json_value(row[column])
+                for column in self._attribute_columns(row)
+                if column in row and not _empty(row[column])
+            }
             json_format.ParseDict(attributes, record.attributes)
-        except (json_format.ParseError, TypeError, ValueError) as error:
+        except (json_format.ParseError, TypeError, ValueError, OverflowError) as error:
             violations.append(FieldViolation("attributes", str(error)))
         if violations:
             raise InvalidArgument(
@@ -131,21 +144,26 @@ def record_from_item(item: JSONObject, where: str = "record") -> record_pb2.Cust
     """The ``CustomerRecord`` a ``records`` batch item describes (its protobuf JSON form);
     :class:`InvalidArgument` at ``where`` when it is not one."""
     record = record_pb2.CustomerRecord()
-    plain = json_value(item)  # ParseDict wants dicts and lists all the way down
+    try:
+        plain = json_value(item)  # ParseDict wants dicts and lists all the way down
+    except ValueError as error:
+        raise InvalidArgument.for_field(where, f"not a CustomerRecord: {error}") from None
     if not isinstance(plain, dict):
         raise InvalidArgument.for_field(where, "a record is a JSON object")
     try:
         json_format.ParseDict(plain, record)
-    except (json_format.ParseError, TypeError, ValueError) as error:
+    except (json_format.ParseError, TypeError, ValueError, OverflowError) as error:
         raise InvalidArgument.for_field(where, f"not a CustomerRecord: {error}") from None
     return record
 
 
-def json_value(value: object) -> JSONValue:
+def json_value(value: object, depth: int = 0) -> JSONValue:
     """``value`` (from a database driver, Arrow or CSV) as a JSON value.
 
     Times and dates become ISO 8601 text, decimals numbers, bytes base64 text, UUIDs text;
-    non-finite floats (not JSON) become ``None``; anything else unknown its ``str``.
+    non-finite floats (not JSON) become ``None``; anything else unknown its ``str``. A value
+    nested deeper than :data:`MAX_JSON_DEPTH` (``depth`` counts the levels above it) is a
+    ``ValueError``.
     """
     if value is None or isinstance(value, bool | int | str):
         return value
@@ -163,10 +181,12 @@ def json_value(value: object) -> JSONValue:
         return base64.b64encode(bytes(value)).decode()
     if isinstance(value, uuid.UUID):
         return str(value)
+    if isinstance(value, Mapping | list | tuple | set | frozenset) and depth >= MAX_JSON_DEPTH:
+        raise ValueError(f"nested more than {MAX_JSON_DEPTH} levels deep")
     if isinstance(value, Mapping):
-        return {str(key): json_value(item) for key, item in value.items()}
+        return {str(key): json_value(item, depth + 1) for key, item in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
-        return [json_value(item) for item in value]
+        return [json_value(item, depth + 1) for item in value]
     return str(value)
 
 

@@ -34,6 +34,9 @@ EVENT_TYPES = ("track", "identify", "page", "screen", "group", "alias")
 
 _STRUCT = struct_pb2.Struct.DESCRIPTOR.full_name
 _INT32_RANGE = range(-(2**31), 2**31)
+_LONGEST_ID_NUMBER = 10**256
+"""Numeric ids are written out as text; one this long would be refused as an id anyway."""
+_NOT_UNICODE = "not valid Unicode text (a lone surrogate code point)"
 
 
 def event_from_json(
@@ -77,7 +80,10 @@ def parse_timestamp(value: object) -> timestamp_pb2.Timestamp:
     """
     stamp = timestamp_pb2.Timestamp()
     if isinstance(value, datetime):
-        stamp.FromDatetime(value if value.tzinfo else value.replace(tzinfo=UTC))
+        try:
+            stamp.FromDatetime(value if value.tzinfo else value.replace(tzinfo=UTC))
+        except OverflowError:  # 9999-12-31T23:00-02:00 is in the year 10000 in UTC
+            raise ValueError(f"{value.isoformat()} is outside the years 1-9999 in UTC") from None
         return stamp
     if isinstance(value, date):
         stamp.FromDatetime(datetime(value.year, value.month, value.day, tzinfo=UTC))
@@ -180,9 +186,15 @@ class _Converter:
         if value is None:
             return ""
         if isinstance(value, str):
-            return value
+            if _is_unicode(value):
+                return value
+            self.fail(name, _NOT_UNICODE)
+            return ""
         if isinstance(value, int) and not isinstance(value, bool):
-            return str(value)
+            if abs(value) < _LONGEST_ID_NUMBER:
+                return str(value)
+            self.fail(name, "a number too long to be an id")
+            return ""
         self.fail(name, f"expected a string, got {_describe(value)}")
         return ""
 
@@ -204,7 +216,7 @@ class _Converter:
             return
         try:
             json_format.ParseDict(dict(value), getattr(parent, field))
-        except (json_format.ParseError, TypeError, ValueError) as error:
+        except (json_format.ParseError, TypeError, ValueError, OverflowError) as error:
             self.fail(name, f"not a JSON object: {error}")
 
     def context(self, value: object, context: event_pb2.Context) -> None:
@@ -215,7 +227,7 @@ class _Converter:
         if leftovers:
             try:
                 json_format.ParseDict(leftovers, context.extra)
-            except (json_format.ParseError, TypeError, ValueError) as error:
+            except (json_format.ParseError, TypeError, ValueError, OverflowError) as error:
                 self.fail("context.extra", f"not JSON: {error}")
 
     def fill(self, data: Mapping[str, object], message: Message, name: str) -> dict[str, Any]:
@@ -252,7 +264,13 @@ class _Converter:
         return leftovers
 
     def scalar(self, value: object, field: FieldDescriptor, message: Message, path: str) -> None:
-        converted = _scalar(value, field.cpp_type)
+        if isinstance(value, str) and not _is_unicode(value):
+            self.fail(path, _NOT_UNICODE)
+            return
+        try:
+            converted = _scalar(value, field.cpp_type)
+        except (ValueError, OverflowError):  # an integer past float's range or str's digits
+            converted = None
         if converted is None:
             self.fail(path, f"expected {_EXPECTED[field.cpp_type]}, got {_describe(value)}")
             return
@@ -267,6 +285,9 @@ class _Converter:
         value_field = entry.fields_by_name["value"]
         target = getattr(message, field.name)
         for key, item in value.items():
+            if not _is_unicode(str(key)):
+                self.fail(path, f"a key is {_NOT_UNICODE}")
+                continue
             converted = _scalar(item, value_field.cpp_type)
             if converted is None:
                 self.fail(
@@ -320,10 +341,23 @@ def _describe(value: object) -> str:
         if isinstance(value, kind):
             return f"{name} ({_short(value)})"
     if isinstance(value, int | float):
-        return f"a number ({value!r})"
+        return f"a number ({_short(value)})"  # repr() refuses integers of 4,300+ digits
     return type(value).__name__
 
 
 def _short(value: object) -> str:
-    text = json.dumps(value, default=str)
+    try:
+        text = json.dumps(value, default=str)
+    except (ValueError, RecursionError):  # an integer past str's digits; nested too deep
+        return type(value).__name__
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_unicode(text: str) -> bool:
+    """Whether ``text`` is Unicode that protobuf accepts: JSON's ``\\ud800`` escapes and
+    ``json.loads`` on bytes let lone surrogates through."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True

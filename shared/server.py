@@ -1,7 +1,8 @@
 """The one server bootstrap every service uses.
 
 ``create_server`` builds a grpc.aio server with the standard health service
-(grpc.health.v1), reflection, OpenTelemetry tracing and the error interceptor, bound to a port.
+(grpc.health.v1), reflection, OpenTelemetry tracing and the error interceptor, bound to a port;
+the services' bindings bring the access guard (tokens, scopes, audit: ``shared/auth``).
 ``serve`` runs it until SIGTERM/SIGINT and shuts down gracefully: health turns NOT_SERVING first
 (so load balancers and ``profilemesh up`` stop sending), then in-flight calls get ``grace``
 seconds to finish.
@@ -25,6 +26,7 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
 from profilemesh.shared.error_interceptor import ErrorInterceptor
 from profilemesh.shared.settings import Settings
+from profilemesh.shared.tls import server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +40,16 @@ class ListenError(RuntimeError):
 @dataclass(frozen=True)
 class ServiceBinding:
     """One gRPC service a server hosts: its full name, the generated ``add_*_to_server``
-    function and the servicer instance."""
+    function and the servicer instance.
+
+    ``interceptors`` are server interceptors the hosting server must run on every call it
+    serves (the audit service brings the access guard: auth and audit for the whole server).
+    """
 
     name: str
     add_to_server: Callable[[Any, grpc.aio.Server], None]
     servicer: Any
+    interceptors: tuple[grpc.aio.ServerInterceptor, ...] = ()
 
 
 class ServiceServer:
@@ -95,6 +102,7 @@ def create_server(
             aio_server_interceptor(filter_=_traced_methods()),
             ErrorInterceptor(),
             *interceptors,
+            *(interceptor for binding in bindings for interceptor in binding.interceptors),
         ],
         options=[
             ("grpc.max_receive_message_length", max_bytes),
@@ -111,12 +119,19 @@ def create_server(
     reflection.enable_server_reflection([*names, HEALTH_SERVICE, reflection.SERVICE_NAME], server)
     address = f"{host or settings.bind_host}:{port}"
     try:
-        bound = server.add_insecure_port(address)
+        bound = _add_port(server, address, settings)
     except RuntimeError as error:
         raise ListenError(f"cannot listen on {address}: {error}") from error
     if bound == 0:
         raise ListenError(f"cannot listen on {address}")
     return ServiceServer(server, health_servicer, names), bound
+
+
+def _add_port(server: grpc.aio.Server, address: str, settings: Settings) -> int:
+    # With TLS on, a client without a certificate from the mesh CA fails the handshake.
+    if settings.tls.enabled:
+        return int(server.add_secure_port(address, server_credentials(settings.tls)))
+    return int(server.add_insecure_port(address))
 
 
 async def serve(

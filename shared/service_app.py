@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from profilemesh.shared.server import ServiceBinding
+
+if TYPE_CHECKING:
+    from profilemesh.shared.auth.verifier import TokenVerifier
 
 
 @dataclass
@@ -20,6 +24,9 @@ class ServiceApp:
     bindings: list[ServiceBinding]
     startup: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     cleanup: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    token_verifier: TokenVerifier | None = None
+    """How the service checks its callers' tokens; None: by asking identity (see
+    :mod:`profilemesh.shared.auth.hosting`)."""
 
     async def start(self) -> None:
         """Run the start-up hooks in order."""

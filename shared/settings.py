@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, BaseModel, Field, field_validator
+from pydantic import AliasChoices, BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 SERVICE_NAMES = ("ingestion", "identity", "features", "scoring", "activation")
@@ -132,6 +132,66 @@ class ActivationSettings(BaseModel):
     max_backoff_seconds: float = Field(default=300.0, gt=0)
 
 
+class TlsSettings(BaseModel):
+    """Mutual TLS on every connection of the mesh (``profilemesh certs create`` makes a set).
+
+    One certificate serves a process as server and as client: servers accept only clients
+    whose certificate the CA signed, and clients check the server's certificate and name.
+    """
+
+    enabled: bool = False
+    ca_file: Path | None = None
+    """The CA certificate (PEM) that peers' certificates must be signed by."""
+
+    cert_file: Path | None = None
+    """This process's certificate chain (PEM), shown as server and as client."""
+
+    key_file: Path | None = None
+    """The private key (PEM) of ``cert_file``."""
+
+    server_name_override: str | None = None
+    """The name servers' certificates are checked against instead of the target's host."""
+
+    @model_validator(mode="after")
+    def _files_when_enabled(self) -> TlsSettings:
+        # Checked here, so that a wrong path stops a process at start-up with the setting's
+        # name, not at its first connection.
+        if not self.enabled:
+            return self
+        problems = []
+        for name in ("ca_file", "cert_file", "key_file"):
+            path: Path | None = getattr(self, name)
+            setting = f"tls.{name} (PROFILEMESH_TLS__{name.upper()})"
+            if path is None:
+                problems.append(f"{setting} is not set")
+            elif not path.is_file():
+                problems.append(f"{setting} {path} is not a file")
+        if problems:
+            raise ValueError(f"tls.enabled needs its files: {'; '.join(problems)}")
+        return self
+
+
+class AuthSettings(BaseModel):
+    """Who may call the mesh: API tokens with scopes, checked on every call.
+
+    On by default; switching it off is for local development only. Tokens are made with
+    ``profilemesh tokens create`` and kept (hashed) by the identity service.
+    """
+
+    enabled: bool = True
+    token: str | None = None
+    """The token this process sends on its outbound calls (to other services, or from the
+    CLI). Without one, ``<data_dir>/admin.token`` is sent when that file exists."""
+
+    bootstrap_token: str | None = None
+    """Identity only: a token with the ``admin`` scope, named ``bootstrap``, that identity
+    makes sure it knows at start-up (how a fresh mesh gets its first token)."""
+
+    cache_seconds: float = Field(default=30.0, ge=0)
+    """How long the other services trust a token identity verified; a revocation takes
+    effect within this time."""
+
+
 class Settings(BaseSettings):
     """Everything a profilemesh process can be configured with."""
 
@@ -154,6 +214,8 @@ class Settings(BaseSettings):
     identity: IdentitySettings = IdentitySettings()
     features: FeaturesSettings = FeaturesSettings()
     activation: ActivationSettings = ActivationSettings()
+    tls: TlsSettings = TlsSettings()
+    auth: AuthSettings = AuthSettings()
 
     grace_seconds: float = Field(default=5.0, ge=0)
     """On SIGTERM, how long in-flight calls may finish before they are cancelled."""
@@ -217,6 +279,8 @@ class Settings(BaseSettings):
             ("STREAMS", self.streams),
             ("INGESTION", self.ingestion),
             ("IDENTITY", self.identity),
+            ("TLS", self.tls),
+            ("AUTH", self.auth),
         )
         for group, model in groups:
             for field in type(model).model_fields:

@@ -16,6 +16,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from profilemesh.shared.settings import SERVICE_NAMES, Endpoint, Endpoints, Settings
 
+# Most tests run a local development mesh, where auth is off; the auth tests switch it on
+# explicitly. Set in the environment so that service subprocesses inherit it too.
+os.environ.setdefault("PROFILEMESH_AUTH__ENABLED", "false")
+
 _handed_out: set[int] = set()
 
 

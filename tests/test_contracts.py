@@ -14,6 +14,12 @@ from profilemesh.shared.settings import SERVICE_NAMES, Settings
 IMPLEMENTED = {
     "/profilemesh.common.v1.LogService/Subscribe",
     "/profilemesh.common.v1.LogService/GetOffsets",
+    "/profilemesh.common.v1.AuditService/ListAuditEntries",
+    "/profilemesh.common.v1.AuditService/VerifyAuditChain",
+    *(
+        f"/profilemesh.common.v1.AuthService/{name}"
+        for name in ("CreateToken", "RevokeToken", "ListTokens", "VerifyToken")
+    ),
     *(
         f"/profilemesh.ingestion.v1.IngestionService/{name}"
         for name in (
@@ -31,6 +37,10 @@ IMPLEMENTED = {
             "GetSourceRun",
             "ListSourceRuns",
             "CancelSourceRun",
+            "SuppressIdentifiers",
+            "UnsuppressIdentifiers",
+            "PurgeIdentifiers",
+            "GetSuppressionStats",
         )
     ),
     *(
@@ -44,6 +54,12 @@ IMPLEMENTED = {
             "GetIdentityRules",
             "UpdateIdentityRules",
             "MatchRecords",
+            "UpdateConsent",
+            "DeleteProfile",
+            "GetDeletion",
+            "SuppressIdentifiers",
+            "UnsuppressIdentifiers",
+            "ReportDeletionProgress",
         )
     ),
     *(
@@ -175,6 +191,9 @@ async def test_services_host_their_contract_and_the_log_service(mesh_settings: S
     }
     assert hosted["identity"] == [
         "profilemesh.identity.v1.IdentityService",
+        "profilemesh.common.v1.AuthService",
         "profilemesh.common.v1.LogService",
+        "profilemesh.common.v1.AuditService",
     ]
     assert all("profilemesh.common.v1.LogService" in names for names in hosted.values())
+    assert all("profilemesh.common.v1.AuditService" in names for names in hosted.values())

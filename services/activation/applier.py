@@ -24,6 +24,7 @@ from profilemesh.scoring.v1 import score_log_pb2
 from profilemesh.services.activation import deliveries
 from profilemesh.services.activation.segments import SegmentBook
 from profilemesh.services.activation.views import ViewTable, traits_of
+from profilemesh.shared import deletion_reports
 from profilemesh.shared.log.api import RecordBatch
 from profilemesh.shared.log.outbox import Outbox
 
@@ -37,6 +38,8 @@ class Changes:
     def __init__(self) -> None:
         self.touched: dict[str, str] = {}
         self.gone: list[str] = []
+        self.erased: list[tuple[str, str]] = []
+        """(profile id, deletion job id) of the people deleted."""
 
     def touch(self, profile_id: str, message_id: str = "") -> None:
         if message_id or profile_id not in self.touched:
@@ -65,6 +68,8 @@ class ActivationApplier:
         self.destinations = destinations
         self.lock = lock
         self.outbox = outbox
+        self.deleted = False
+        """Set when a batch erased a person: the deletion reporter has work."""
 
     def __call__(self, tx: sqlite3.Connection, batch: RecordBatch) -> None:
         changes = Changes()
@@ -77,6 +82,11 @@ class ActivationApplier:
             for profile_id in changes.gone:
                 self.book.forget(tx, profile_id)
                 changes.touched.pop(profile_id, None)
+            for profile_id, job_id in changes.erased:
+                self.book.erase(tx, profile_id)
+                deliveries.forget_profile(tx, profile_id)
+                deletion_reports.owe(tx, job_id)
+                self.deleted = True
             live = {self.views.canonical(p): m for p, m in changes.touched.items()}
             transitions = self.book.evaluate(
                 tx, [(p, self.views.get(p)) for p in live], message_ids=live
@@ -97,6 +107,8 @@ class ActivationApplier:
         kind = entry.WhichOneof("change")
         if kind == "event_resolved":
             resolved = entry.event_resolved
+            if resolved.profile_created:
+                views.revive(resolved.profile_id)
             views.add_identifiers(
                 resolved.profile_id, [(i.type, i.value) for i in resolved.identifiers]
             )
@@ -125,7 +137,10 @@ class ActivationApplier:
             views.set_consent(consent.profile_id, consent.consents)
             changes.touch(views.canonical(consent.profile_id))
         elif kind == "profile_deleted":
-            changes.gone.append(views.delete(entry.profile_deleted.profile_id))
+            deleted = entry.profile_deleted
+            erased = views.erase(deleted.profile_id)
+            changes.gone.append(erased)
+            changes.erased.append((erased, deleted.job_id))
 
     # -- features and scoring -------------------------------------------------------------------
 

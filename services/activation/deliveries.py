@@ -229,6 +229,13 @@ def queue_sync(
     return len(rows)
 
 
+def forget_profile(tx: sqlite3.Connection, profile_id: str) -> int:
+    """A deleted person: every delivery of theirs goes, sent or not. Their rows hold the mapped
+    fields (emails, names), and what is still queued must never be sent."""
+    cursor = tx.execute("DELETE FROM deliveries WHERE profile_id = ?", (profile_id,))
+    return cursor.rowcount
+
+
 def delivery_message(row: Mapping[str, Any]) -> segment_pb2.Delivery:
     message = segment_pb2.Delivery(
         delivery_id=row["delivery_id"],

@@ -33,6 +33,8 @@ from profilemesh.services.activation.segment_expressions import Catalog, parse_s
 from profilemesh.services.activation.segments import SegmentBook
 from profilemesh.services.activation.store import SCHEMA
 from profilemesh.services.activation.views import ViewTable
+from profilemesh.shared import deletion_reports
+from profilemesh.shared.deletion_reports import DeletionReporter
 from profilemesh.shared.errors import InvalidArgument, NotFound, Unavailable
 from profilemesh.shared.extension_points import Activator
 from profilemesh.shared.log.api import LogReader
@@ -72,6 +74,10 @@ class Clients:
         if service not in self._channels:
             self._channels[service] = self._connect(service)
         return self._channels[service]
+
+    def open_channel(self, service: str) -> grpc.aio.Channel:
+        """A channel of the caller's own to ``service`` (the caller closes it)."""
+        return self._connect(service)
 
     def identity(self) -> identity_service_pb2_grpc.IdentityServiceStub:
         return identity_service_pb2_grpc.IdentityServiceStub(self._channel("identity"))
@@ -132,6 +138,7 @@ class Activation:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         store = SqliteConsumerStore(self.data_dir / "activation.sqlite")
         store.schema(SCHEMA)
+        store.schema(deletion_reports.SCHEMA)
         await asyncio.to_thread(store.read, self._load)
         outbox = Outbox(store, activations)
         worker = deliveries.DeliveryWorker(
@@ -140,14 +147,24 @@ class Activation:
         self._store, self._outbox, self._worker = store, outbox, worker
         self._loop = asyncio.get_running_loop()
 
+        reporter = DeletionReporter(
+            "activation", lambda: self.store, lambda: self.clients.open_channel("identity")
+        )
+        handlers: list[ActivationApplier] = []
+
         def applied(_: object) -> None:
             outbox.notify()
             worker.notify()
+            for handler in handlers:
+                if handler.deleted:
+                    handler.deleted = False
+                    reporter.notify()
 
         for stream, reader in sources.items():
             handler = ActivationApplier(
                 stream, self.views, self.book, self._by_segment, self.lock, outbox
             )
+            handlers.append(handler)
             self._consumers.append(
                 LogConsumer(
                     f"activation-{stream}",
@@ -161,6 +178,7 @@ class Activation:
             asyncio.create_task(fail_stop("activation", "outbox", outbox.run)),
             asyncio.create_task(fail_stop("activation", "deliveries", worker.run)),
             asyncio.create_task(fail_stop("activation", "daily sync", self._daily_sync)),
+            asyncio.create_task(fail_stop("activation", "deletion reports", reporter.run)),
             *(asyncio.create_task(fail_stop("activation", c.name, c.run)) for c in self._consumers),
         ]
 

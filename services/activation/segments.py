@@ -192,6 +192,11 @@ class SegmentBook:
             members.pop(profile_id, None)
         tx.execute("DELETE FROM memberships WHERE profile_id = ?", (profile_id,))
 
+    def erase(self, tx: sqlite3.Connection, profile_id: str) -> None:
+        """A deleted person: their memberships and their membership history go."""
+        self.forget(tx, profile_id)
+        tx.execute("DELETE FROM membership_history WHERE profile_id = ?", (profile_id,))
+
     def _record(self, tx: sqlite3.Connection, transitions: Sequence[Transition]) -> None:
         tx.executemany(
             "INSERT INTO membership_history"

@@ -65,6 +65,9 @@ CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_attempt_at)
 CREATE INDEX IF NOT EXISTS deliveries_by_destination ON deliveries (destination_id, state);
 CREATE INDEX IF NOT EXISTS deliveries_by_profile_day
     ON deliveries (destination_id, profile_id, last_attempt_at);
+CREATE TABLE IF NOT EXISTS activation_erased (
+    profile_id TEXT PRIMARY KEY
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS activation_settings (
     name TEXT PRIMARY KEY,
     value TEXT NOT NULL

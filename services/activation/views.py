@@ -54,6 +54,11 @@ class ViewTable:
         self._dirty: set[str] = set()
         self._deleted: set[str] = set()
         self._redirected: set[str] = set()
+        self._erased: set[str] = set()
+        """Ids of deleted people. Features and scoring publish on their own logs, which can
+        still carry a value for such an id after identity's deletion arrived here: it must not
+        bring the view back. Cleared when identity creates a profile under the id again."""
+        self._erased_changed: set[str] = set()
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -115,7 +120,13 @@ class ViewTable:
         for consent in consents:
             view.consent[consent.purpose] = consent.granted
 
+    def is_erased(self, profile_id: str) -> bool:
+        """Whether ``profile_id`` belongs to a deleted person (see :meth:`erase`)."""
+        return self.canonical(profile_id) in self._erased
+
     def set_features(self, profile_id: str, values: Iterable[profile_pb2.FeatureValue]) -> None:
+        if self.is_erased(profile_id):
+            return
         view = self.view(profile_id)
         details = self._details[view.profile_id]
         for value in values:
@@ -126,11 +137,15 @@ class ViewTable:
             details.features[name] = value.SerializeToString()
 
     def set_score(self, profile_id: str, score: profile_pb2.ProfileScore) -> None:
+        if self.is_erased(profile_id):
+            return
         view = self.view(profile_id)
         view.scores[score.model] = score.score
         self._details[view.profile_id].scores[score.model] = score.SerializeToString()
 
     def set_cluster(self, profile_id: str, assignment: profile_pb2.ClusterAssignment) -> None:
+        if self.is_erased(profile_id):
+            return
         view = self.view(profile_id)
         view.clusters[assignment.clustering] = (assignment.cluster_id, assignment.persona)
         self._details[view.profile_id].clusters[assignment.clustering] = (
@@ -195,6 +210,19 @@ class ViewTable:
             if base is not None and view is not base:
                 view.consent = dict(base.consent)
 
+    def erase(self, profile_id: str) -> str:
+        """A deleted person: drop the view and ignore late values for the id; the id erased."""
+        live = self.delete(profile_id)
+        self._erased.add(live)
+        self._erased_changed.add(live)
+        return live
+
+    def revive(self, profile_id: str) -> None:
+        """Identity created a profile under ``profile_id`` (again): values count for it."""
+        if profile_id in self._erased:
+            self._erased.discard(profile_id)
+            self._erased_changed.add(profile_id)
+
     def delete(self, profile_id: str) -> str:
         live = self.canonical(profile_id)
         self._views.pop(live, None)
@@ -246,6 +274,9 @@ class ViewTable:
         self._redirects = dict(
             connection.execute("SELECT profile_id, surviving_id FROM activation_redirects")
         )
+        self._erased = {
+            p for (p,) in connection.execute("SELECT profile_id FROM activation_erased")
+        }
 
     def save(self, tx: sqlite3.Connection) -> None:
         tx.executemany(
@@ -269,9 +300,15 @@ class ViewTable:
                     "INSERT OR REPLACE INTO activation_redirects VALUES (?, ?)",
                     (profile_id, target),
                 )
+        for profile_id in self._erased_changed:
+            if profile_id in self._erased:
+                tx.execute("INSERT OR IGNORE INTO activation_erased VALUES (?)", (profile_id,))
+            else:
+                tx.execute("DELETE FROM activation_erased WHERE profile_id = ?", (profile_id,))
         self._dirty.clear()
         self._deleted.clear()
         self._redirected.clear()
+        self._erased_changed.clear()
 
 
 def traits_of(struct: Any) -> dict[str, Any]:

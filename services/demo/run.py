@@ -125,6 +125,8 @@ async def run_demo(
     mesh = Mesh(settings)
     with demo.stage("start the mesh"):
         mesh.start()
+        if mesh.admin_token_file is not None:
+            print(f"   admin token in {mesh.admin_token_file}", file=out, flush=True)
         await mesh.wait_until_serving(120)
         demo.pids = [child.process.pid for child in mesh.children]
     receiver = WebhookReceiver().start()

@@ -16,7 +16,11 @@ from profilemesh.shared.settings import Settings
 
 def build_app(settings: Settings) -> ServiceApp:
     """The features service with its data under ``<data_dir>/features``."""
-    domain = Features(settings.service_data_dir("features"), settings.features.definitions_file)
+    domain = Features(
+        settings.service_data_dir("features"),
+        settings.features.definitions_file,
+        lambda: channel_to("identity", settings),
+    )
     # Created on first use, inside the server's event loop.
     identity = IdentityLookup(lambda: channel_to("identity", settings))
     app = ServiceApp(

@@ -29,10 +29,16 @@ from profilemesh.features.v1 import feature_log_pb2
 from profilemesh.identity.v1 import resolution_log_pb2
 from profilemesh.services.features.definitions import FeatureSet
 from profilemesh.services.features.event_store import EventStore, PendingRows
-from profilemesh.services.features.inputs import anchor_of, feature_event, kind_and_name
+from profilemesh.services.features.inputs import (
+    anchor_key,
+    anchor_of,
+    feature_event,
+    kind_and_name,
+)
 from profilemesh.services.features.registry import Registry
 from profilemesh.services.features.state_table import StateTable, build_states
 from profilemesh.services.features.values import feature_values, timestamp
+from profilemesh.shared import deletion_reports
 from profilemesh.shared.log.api import RecordBatch
 from profilemesh.shared.log.outbox import Outbox
 
@@ -59,6 +65,8 @@ class Applier:
         self.outbox = outbox
         self.lock = lock
         self.writer = writer
+        self.deleted = False
+        """Set when a batch erased a person: the deletion reporter has work."""
 
     def __call__(self, tx: sqlite3.Connection, batch: RecordBatch) -> None:
         # ``writer`` keeps backfills and definition changes out for the whole batch; ``lock``
@@ -127,6 +135,8 @@ class Applier:
                     self.events.delete_profiles([deleted])
                     before.pop(deleted, None)
                     published.append(_removed(deleted, "", entry.profile_deleted.job_id))
+                    deletion_reports.owe(tx, entry.profile_deleted.job_id)
+                    self.deleted = True
             self.events.append(rows)
             with lock:
                 self.states.evict_changed(now)
@@ -152,7 +162,7 @@ class Applier:
         original = self.states.canonical(unmerged.original_profile_id)
         resulting = [p.profile_id for p in unmerged.resulting_profiles]
         for profile in unmerged.resulting_profiles:
-            anchors = [f"{i.type}:{i.value}" for i in profile.identifiers]
+            anchors = [anchor_key(i.type, i.value) for i in profile.identifiers]
             self.events.reassign_anchors([original], anchors, profile.profile_id)
         affected = list(dict.fromkeys([original, *resulting]))
         rebuilt = build_states(self.events.events_of(affected), self.registry.feature_set)

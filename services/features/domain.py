@@ -13,10 +13,11 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pyarrow as pa
 
 from profilemesh.services.features import batch, lifetime_value
@@ -26,6 +27,8 @@ from profilemesh.services.features.event_store import VIEW, EventStore
 from profilemesh.services.features.lifetime_value import LifetimeValueModel
 from profilemesh.services.features.registry import Registry
 from profilemesh.services.features.state_table import StateTable, build_states
+from profilemesh.shared import deletion_reports
+from profilemesh.shared.deletion_reports import DeletionReporter
 from profilemesh.shared.errors import InvalidArgument, NotFound, Unavailable
 from profilemesh.shared.log.api import LogReader
 from profilemesh.shared.log.consumer import LogConsumer
@@ -63,8 +66,15 @@ class BackfillJob:
 class Features:
     """The features service's state under ``data_dir``; usable once :meth:`open` ran."""
 
-    def __init__(self, data_dir: Path, definitions_file: Path | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        definitions_file: Path | None = None,
+        identity_channel: Callable[[], grpc.aio.Channel] | None = None,
+    ) -> None:
         self.data_dir = data_dir
+        self.identity_channel = identity_channel
+        """How to reach identity, to report the deletions this service carried out."""
         self.definitions_file = definitions_file
         # Locks are always taken in this order: the store's transaction, ``writer``, ``lock``.
         self.writer = threading.Lock()
@@ -105,6 +115,7 @@ class Features:
         store = SqliteConsumerStore(self.data_dir / "features.sqlite")
         store.schema(Registry.schema())
         store.schema(StateTable.schema())
+        store.schema(deletion_reports.SCHEMA)
         events = EventStore(self.data_dir / "events.duckdb")
         discarded = events.discard_uncommitted(store.committed(CONSUMER, STREAM))
         if discarded:
@@ -112,24 +123,39 @@ class Features:
         store.read(lambda c: self.registry.load(c, self.definitions_file))
         await asyncio.to_thread(store.read, self.states.load)
         outbox = Outbox(store, changes)
+        applier = Applier(self.registry, self.states, events, outbox, self.lock, self.writer)
+        reporter = DeletionReporter(
+            "features", lambda: self.store, self._identity_channel, scrubbers=[events.scrub]
+        )
+
+        def applied(_: object) -> None:
+            outbox.notify()
+            if applier.deleted:
+                applier.deleted = False
+                reporter.notify()
+
         consumer: LogConsumer[object] = LogConsumer(
             CONSUMER,
             resolutions,
             store,  # type: ignore[arg-type]
-            Applier(  # type: ignore[arg-type]
-                self.registry, self.states, events, outbox, self.lock, self.writer
-            ),
-            on_applied=lambda _: outbox.notify(),
+            applier,  # type: ignore[arg-type]
+            on_applied=applied,
         )
         self._store, self._events, self._outbox, self._consumer = store, events, outbox, consumer
         self._tasks = [
             asyncio.create_task(fail_stop("features", "outbox", outbox.run)),
             asyncio.create_task(fail_stop("features", "consumer", consumer.run)),
+            asyncio.create_task(fail_stop("features", "deletion reports", reporter.run)),
         ]
         pending = self.registry.backfilling()
         if pending:  # a backfill was cut short by a restart: run it again
             self.start_backfill(pending)
         threading.Thread(target=self.fit_lifetime_value, name="clv-fit", daemon=True).start()
+
+    def _identity_channel(self) -> grpc.aio.Channel:
+        if self.identity_channel is None:
+            raise Unavailable("features was started without a way to reach identity")
+        return self.identity_channel()
 
     async def close(self) -> None:
         await stop_background([self._consumer] if self._consumer else [], self._tasks, self._outbox)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -111,6 +112,14 @@ class PendingRows:
         return table
 
 
+def _fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 class EventStore:
     """One DuckDB database file; the consumer writes, queries read through their own cursors."""
 
@@ -119,6 +128,10 @@ class EventStore:
         self._connection = duckdb.connect(str(path))
         self._connection.execute(_SCHEMA)
         self._write_lock = threading.Lock()
+        # Readers run beside writes, but not beside :meth:`scrub`, which replaces the file.
+        self._readers = threading.Condition()
+        self._active_readers = 0
+        self._replacing = False
 
     def close(self) -> None:
         self._connection.close()
@@ -126,11 +139,19 @@ class EventStore:
     @contextmanager
     def reader(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """A cursor of its own, for a query running beside the consumer's writes."""
-        cursor = self._connection.cursor()
+        with self._readers:
+            self._readers.wait_for(lambda: not self._replacing)
+            self._active_readers += 1
         try:
-            yield cursor
+            cursor = self._connection.cursor()
+            try:
+                yield cursor
+            finally:
+                cursor.close()
         finally:
-            cursor.close()
+            with self._readers:
+                self._active_readers -= 1
+                self._readers.notify_all()
 
     def discard_uncommitted(self, committed: dict[int, int]) -> int:
         """Delete rows at or past the committed offsets (their batch never committed)."""
@@ -180,6 +201,38 @@ class EventStore:
             self._connection.execute(
                 "DELETE FROM events WHERE list_contains(?, profile_id)", [list(profile_ids)]
             )
+
+    def scrub(self) -> bool:
+        """Write the database afresh, so that rows deleted for an erasure are gone from the
+        file: DuckDB leaves a deleted row's bytes in the blocks it frees until they happen to
+        be reused. The live rows are copied into a new file that replaces the old one; reads
+        wait for the swap. Costs a copy of the store, so the deletion reporter calls it once
+        for all the deletions it reports at a time. Always True."""
+        fresh = self.path.with_name(f"{self.path.stem}.scrub{self.path.suffix}")
+        with self._write_lock:
+            with self._readers:
+                self._replacing = True
+                self._readers.wait_for(lambda: self._active_readers == 0)
+            try:
+                for leftover in (fresh, fresh.with_name(fresh.name + ".wal")):
+                    leftover.unlink(missing_ok=True)
+                [(current,)] = self._connection.execute("SELECT current_database()").fetchall()
+                self._connection.execute(f"ATTACH '{fresh}' AS scrubbed")
+                self._connection.execute(f'COPY FROM DATABASE "{current}" TO scrubbed')
+                # Everything in the new file itself, none of it in a WAL left behind.
+                self._connection.execute("CHECKPOINT scrubbed")
+                self._connection.execute("DETACH scrubbed")
+                self._connection.close()
+                os.replace(fresh, self.path)
+                self.path.with_name(self.path.name + ".wal").unlink(missing_ok=True)
+                _fsync_directory(self.path.parent)
+                self._connection = duckdb.connect(str(self.path))
+                self._connection.execute(_SCHEMA)
+            finally:
+                with self._readers:
+                    self._replacing = False
+                    self._readers.notify_all()
+        return True
 
     def events_of(self, profile_ids: Sequence[str]) -> dict[str, list[FeatureEvent]]:
         """Every stored event of ``profile_ids``, in log order per profile."""

@@ -14,6 +14,7 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from profilemesh.identity.v1 import resolution_log_pb2
 from profilemesh.ingestion.v1 import event_log_pb2
 from profilemesh.services.features.events import FeatureEvent
+from profilemesh.shared.pii import sha256_hex
 
 RECORD = "record"
 
@@ -91,8 +92,14 @@ def kind_and_name(item: event_log_pb2.IngestedItem) -> tuple[str, str]:
 
 
 def anchor_of(resolved: resolution_log_pb2.EventResolved) -> str:
-    """The identifier that anchors the item (identity lists it first), as ``type:value``."""
+    """The identifier that anchors the item (identity lists it first), as :func:`anchor_key`."""
     if not resolved.identifiers:
         return ""
     first = resolved.identifiers[0]
-    return f"{first.type}:{first.value}"
+    return anchor_key(first.type, first.value)
+
+
+def anchor_key(identifier_type: str, value: str) -> str:
+    """How an anchor identifier is stored: the SHA-256 of ``type:value``. An unmerge only
+    needs to tell anchors apart, and a hash keeps personal data out of the event store."""
+    return sha256_hex(f"{identifier_type}:{value}")

@@ -6,6 +6,8 @@ from __future__ import annotations
 from profilemesh.identity.v1 import identity_service_pb2, identity_service_pb2_grpc
 from profilemesh.services.identity.domain import Identity
 from profilemesh.services.identity.servicer import IdentityServicer
+from profilemesh.services.identity.token_hosting import host_tokens
+from profilemesh.shared.channel import channel_to
 from profilemesh.shared.log.hosting import host_log, remote_log
 from profilemesh.shared.server import bind
 from profilemesh.shared.service_app import ServiceApp
@@ -18,6 +20,7 @@ def build_app(settings: Settings) -> ServiceApp:
         settings.service_data_dir("identity"),
         settings.identity.rules_file,
         match_min_records=settings.identity.match_min_records,
+        connect_ingestion=lambda: channel_to("ingestion", settings),
     )
     app = ServiceApp(
         name="identity",
@@ -30,6 +33,7 @@ def build_app(settings: Settings) -> ServiceApp:
             )
         ],
     )
+    host_tokens(app, settings)
     hosted = host_log(app, settings)
     events = remote_log(settings, "ingestion")
 

@@ -225,10 +225,13 @@ class ChangeSet:
     traits: list[tuple[Identifier, States]] = field(default_factory=list)
     """(anchor, every trait state of the anchor)."""
     counters: Counters = field(default_factory=Counters)
+    erased: Erasure | None = None
+    """What deleted people left behind, to remove from the store."""
 
     def __bool__(self) -> bool:
         return bool(
-            self.nodes
+            self.erased
+            or self.nodes
             or self.profiles
             or self.links
             or self.removed_links
@@ -237,6 +240,33 @@ class ChangeSet:
             or self.refusals
             or self.traits
         )
+
+
+@dataclass(slots=True)
+class Erasure:
+    """Everything of deleted people the store must remove (collected until drained)."""
+
+    identifiers: set[Identifier] = field(default_factory=set)
+    """Their nodes, trait anchors, blocked entries and refusals."""
+    profile_ids: set[str] = field(default_factory=set)
+    """Their live and retired profile ids."""
+    merge_ids: set[str] = field(default_factory=set)
+    """Merge records naming any of those profiles."""
+
+    def __bool__(self) -> bool:
+        return bool(self.identifiers or self.profile_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class DeletionOutcome:
+    """What :meth:`IdentityGraph.delete` removed."""
+
+    profile_id: str
+    """The live profile that was deleted."""
+    profile_ids: tuple[str, ...]
+    """It and every id it retired by merging: the keys of its entries in the resolution log."""
+    identifiers: tuple[Identifier, ...]
+    """Every identifier the person had."""
 
 
 @dataclass(frozen=True)
@@ -683,6 +713,60 @@ class IdentityGraph:
                 changes.append(TraitChange(part.id, _present(after), changed))
         return UnmergeOutcome(record, tuple(changes))
 
+    # -- deletion ----------------------------------------------------------------------------
+
+    def delete(self, profile_id: str) -> DeletionOutcome:
+        """Remove a person: their profile (live or retired id), identifiers, links, traits and
+        every merge record naming them. Unlike an unmerge nothing is kept for history: the
+        records hold the person's identifiers. Raises NotFound for an unknown id."""
+        live = self.canonical(profile_id)
+        if live is None:
+            raise NotFound(
+                f"no profile {profile_id!r}", violations=[("profile_id", "no such profile")]
+            )
+        profile = self._profiles.pop(live)
+        members = set(profile.members)
+        ids = {live} | {founded for m in members if (founded := self._nodes[m].founded)}
+        for link_id in profile.links:
+            link = self._links.pop(link_id, None)
+            if link is not None:
+                self._link_of_set.pop(link.identifiers, None)
+                self._removed_links.add(link_id)
+                self._dirty_links.discard(link_id)
+        for member in members:
+            del self._nodes[member]
+            self._dirty_nodes.discard(member)
+            self._blocked.discard(member)
+            self._refused_on.pop(member, None)
+        for refused_on in self._refused_on.values():
+            refused_on -= ids
+        for pid in ids:
+            self._founders.pop(pid, None)
+        doomed = {r.merge_id for pid in ids for r in self._merges_by_profile.pop(pid, ())}
+        if doomed:
+            self._merges = [r for r in self._merges if r.merge_id not in doomed]
+            for pid, records in list(self._merges_by_profile.items()):
+                kept = [r for r in records if r.merge_id not in doomed]
+                if kept:
+                    self._merges_by_profile[pid] = kept
+                else:
+                    del self._merges_by_profile[pid]
+            self._new_merges[:] = [r for r in self._new_merges if r.merge_id not in doomed]
+        self._new_profiles[:] = [p for p in self._new_profiles if p not in ids]
+        self._new_blocked[:] = [i for i in self._new_blocked if i not in members]
+        self._new_refusals[:] = [
+            (i, p) for i, p in self._new_refusals if i not in members and p not in ids
+        ]
+        self.traits.forget(members)
+        self._erasure.identifiers |= members
+        self._erasure.profile_ids |= ids
+        self._erasure.merge_ids |= doomed
+        return DeletionOutcome(
+            profile_id=live,
+            profile_ids=tuple(sorted(ids)),
+            identifiers=tuple(sorted(members, key=self._priority_key)),
+        )
+
     # -- persistence -------------------------------------------------------------------------
 
     def drain_changes(self) -> ChangeSet:
@@ -700,6 +784,7 @@ class IdentityGraph:
             refusals=self._new_refusals,
             traits=self.traits.drain_dirty(),
             counters=self._counters(),
+            erased=self._erasure if self._erasure else None,
         )
         self._reset_changes()
         return changes
@@ -760,6 +845,7 @@ class IdentityGraph:
         self._new_merges: list[MergeRecord] = []
         self._new_blocked: list[Identifier] = []
         self._new_refusals: list[tuple[Identifier, str]] = []
+        self._erasure = Erasure()
 
     def _usable(self, identifiers: Iterable[Identifier]) -> list[Identifier]:
         """The identifiers that may link, without duplicates, by priority then value."""

@@ -130,6 +130,28 @@ def traits_entry(
     )
 
 
+def consent_entry(
+    profile_id: str, consents: Iterable[profile_pb2.ConsentState], occurred_at: int
+) -> resolution_log_pb2.ResolutionEntry:
+    """A ``ConsentChanged`` entry: the decisions that changed, as they are now."""
+    return resolution_log_pb2.ResolutionEntry(
+        consent_changed=resolution_log_pb2.ConsentChanged(
+            profile_id=profile_id, consents=list(consents)
+        ),
+        occurred_at=timestamp(occurred_at),
+    )
+
+
+def deletion_entry(
+    profile_id: str, job_id: str, occurred_at: int
+) -> resolution_log_pb2.ResolutionEntry:
+    """A ``ProfileDeleted`` entry."""
+    return resolution_log_pb2.ResolutionEntry(
+        profile_deleted=resolution_log_pb2.ProfileDeleted(profile_id=profile_id, job_id=job_id),
+        occurred_at=timestamp(occurred_at),
+    )
+
+
 def identities(links: Iterable[Link], identifiers: Iterable[Identifier]) -> list[Any]:
     """Each identifier of a profile with when it was first and last seen and where from."""
     seen: dict[Identifier, list[int]] = {}

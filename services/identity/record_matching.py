@@ -280,6 +280,17 @@ class RecordMatcher:
                     )
         return sorted(best.values(), key=lambda m: -m.probability)
 
+    @staticmethod
+    def forget(tx: sqlite3.Connection, anchors: Iterable[Identifier]) -> None:
+        """Remove a deleted person's records and their blocking keys (names, emails...)."""
+        keys = [(anchor.key,) for anchor in anchors]
+        tx.executemany(
+            "DELETE FROM match_blocks WHERE record IN"
+            " (SELECT record FROM match_records WHERE anchor = ?)",
+            keys,
+        )
+        tx.executemany("DELETE FROM match_records WHERE anchor = ?", keys)
+
     def refit_if_due(self, tx: sqlite3.Connection, settings: MatchSettings) -> list[RecordMatch]:
         """Fit the model when it is due; on the first fit (or after the settings changed),
         the accepted pairs among all stored records, for the caller to link."""

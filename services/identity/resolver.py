@@ -19,7 +19,8 @@ from google.protobuf.message import DecodeError
 
 from profilemesh.identity.v1 import resolution_log_pb2
 from profilemesh.ingestion.v1 import event_log_pb2
-from profilemesh.services.identity import messages
+from profilemesh.services.identity import consent, messages
+from profilemesh.services.identity.consent import ConsentBook
 from profilemesh.services.identity.extraction import RECORD, Evidence, extract, summarize
 from profilemesh.services.identity.graph import IdentityGraph, LinkOutcome
 from profilemesh.services.identity.identifiers import Identifier
@@ -32,6 +33,7 @@ from profilemesh.services.identity.record_matching import (
     settings_of,
 )
 from profilemesh.services.identity.store import GraphStore
+from profilemesh.services.identity.suppression import SuppressionList
 from profilemesh.shared.log.api import RecordBatch
 from profilemesh.shared.log.outbox import Outbox
 
@@ -53,11 +55,15 @@ class Resolver:
         lock: threading.Lock,
         outbox: Outbox,
         matcher: RecordMatcher | None = None,
+        suppressions: SuppressionList | None = None,
+        consent: ConsentBook | None = None,
     ) -> None:
         self.graph = graph
         self.lock = lock
         self.outbox = outbox
         self.matcher = matcher or RecordMatcher()
+        self.suppressions = suppressions or SuppressionList()
+        self.consent = consent or ConsentBook(graph.identifiers_of)
         self._settings_for: object = None
         self._settings: MatchSettings | None = None
 
@@ -87,6 +93,7 @@ class Resolver:
             self._match(tx, records, published)
             GraphStore.save(tx, self.graph.drain_changes())
             GraphStore.append_recent_events(tx, recent)
+            consent.save(tx, self.consent.drain_dirty())
         self.outbox.put(tx, published)
 
     def _resolve(
@@ -100,6 +107,9 @@ class Resolver:
     ) -> None:
         graph = self.graph
         evidence = extract(item, graph.rules, graph.knows)
+        if self.suppressions.any_suppressed(evidence.identifiers):
+            self.suppressions.dropped += 1
+            return
         outcome = graph.link(evidence)
         when = evidence.occurred_at
         self._publish_merges(outcome, published)
@@ -126,6 +136,27 @@ class Resolver:
         self._publish_traits(outcome, when, published)
         if outcome.anchor is not None:
             recent.append((outcome.profile_id, outcome.anchor, summarize(item)))
+            self._observe_consent(outcome.profile_id, outcome.anchor, evidence, published)
+
+    def _observe_consent(
+        self,
+        profile_id: str,
+        anchor: Identifier,
+        evidence: Evidence,
+        published: list[tuple[str, bytes]],
+    ) -> None:
+        """Consent decisions carried in the item's traits, dated by the item."""
+        decisions = consent.decisions_in(evidence.traits)
+        if not decisions:
+            return
+        changed = self.consent.observe(
+            profile_id, anchor, decisions, evidence.source, evidence.occurred_at
+        )
+        if changed:
+            entry = messages.consent_entry(
+                profile_id, self.consent.states(profile_id, changed), evidence.occurred_at
+            )
+            published.append((profile_id, entry_bytes(entry)))
 
     def _match(
         self,

@@ -1,15 +1,13 @@
-"""gRPC adapter of the identity service: protobuf in, protobuf out, no business logic.
-
-RPCs not built yet (consent, deletion, suppression) are inherited from the generated base
-class, which answers UNIMPLEMENTED.
-"""
+"""gRPC adapter of the identity service: protobuf in, protobuf out, no business logic."""
 
 from __future__ import annotations
 
 import asyncio
+import re
+import time
 from typing import Any
 
-from profilemesh.common.v1 import identifier_pb2, profile_pb2
+from profilemesh.common.v1 import identifier_pb2, job_pb2, profile_pb2
 from profilemesh.identity.v1 import identity_service_pb2 as service_pb2
 from profilemesh.identity.v1 import identity_service_pb2_grpc
 from profilemesh.services.identity import messages
@@ -28,6 +26,14 @@ from profilemesh.services.identity.matching.proto import (
 from profilemesh.services.identity.rules import Rules
 from profilemesh.services.identity.store import GraphStore
 from profilemesh.shared.errors import InvalidArgument, NotFound
+
+MAX_SUPPRESSIONS = 1000
+"""Identifiers per SuppressIdentifiers / UnsuppressIdentifiers call."""
+PURPOSE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+MAX_CLOCK_SKEW_NS = 5 * 60 * 1_000_000_000
+"""How far in the future a consent decision may be dated (clocks differ a little)."""
+REPORTING_SERVICES = ("features", "scoring", "activation")
+"""Services that report their part of a deletion (identity and ingestion are done here)."""
 
 # Parts of the unified profile other services own; until they serve them, GetProfile says so.
 OTHER_SERVICES_PARTS = ("features", "scores", "clusters", "segments")
@@ -79,6 +85,7 @@ class IdentityServicer(identity_service_pb2_grpc.IdentityServiceServicer):
                     for retired_id in record.merged_profile_ids
                 }
             )
+            consents = self.domain.consent.states(profile_id)
         limit = request.recent_events_limit or DEFAULT_RECENT_EVENTS
         recent = await asyncio.to_thread(
             self.domain.store.read,
@@ -90,6 +97,7 @@ class IdentityServicer(identity_service_pb2_grpc.IdentityServiceServicer):
             traits=messages.struct(traits),
             recent_events=[messages.event_summary(s) for s in recent],
             merged_profile_ids=retired,
+            consents=consents,
         )
         return service_pb2.GetProfileResponse(
             profile=profile, unavailable_parts=OTHER_SERVICES_PARTS
@@ -208,3 +216,107 @@ class IdentityServicer(identity_service_pb2_grpc.IdentityServiceServicer):
             source_column=SOURCE_COLUMN,
         )
         return result_to_proto(result)
+
+    # -- privacy -------------------------------------------------------------------------------
+
+    def _target(self, request: Any) -> tuple[str | None, Identifier | None]:
+        """The ``target`` oneof of a privacy request: a profile id or a normalised identifier."""
+        which = request.WhichOneof("target")
+        if which is None:
+            raise InvalidArgument.for_field("target", "a profile_id or an identifier is required")
+        if which == "profile_id":
+            if not request.profile_id:
+                raise InvalidArgument.for_field("profile_id", "must not be empty")
+            return request.profile_id, None
+        normalized = self._normalized(request.identifier, "identifier")
+        if normalized is None:
+            raise InvalidArgument.for_field("identifier", "not a valid identifier of its type")
+        return None, normalized
+
+    def _identifiers(self, values: Any) -> list[Identifier]:
+        if not values:
+            raise InvalidArgument.for_field("identifiers", "at least one is required")
+        if len(values) > MAX_SUPPRESSIONS:
+            raise InvalidArgument.for_field("identifiers", f"at most {MAX_SUPPRESSIONS}")
+        found = []
+        for index, value in enumerate(values):
+            normalized = self._normalized(value, f"identifiers[{index}]")
+            if normalized is None:
+                raise InvalidArgument.for_field(f"identifiers[{index}]", "not a valid identifier")
+            found.append(normalized)
+        return found
+
+    async def UpdateConsent(
+        self, request: service_pb2.UpdateConsentRequest, context: Any
+    ) -> service_pb2.UpdateConsentResponse:
+        profile_id, identifier = self._target(request)
+        if not request.consents:
+            raise InvalidArgument.for_field("consents", "at least one decision is required")
+        now = time.time_ns()
+        decisions = []
+        seen: set[str] = set()
+        for index, state in enumerate(request.consents):
+            purpose = state.purpose.strip()
+            if not PURPOSE.fullmatch(purpose):
+                raise InvalidArgument.for_field(
+                    f"consents[{index}].purpose", "lower_snake_case, 1 to 64 characters"
+                )
+            if purpose in seen:
+                raise InvalidArgument.for_field(
+                    f"consents[{index}].purpose", f"{purpose!r} appears twice"
+                )
+            seen.add(purpose)
+            updated_at = state.updated_at.ToNanoseconds() if state.HasField("updated_at") else now
+            if updated_at > now + MAX_CLOCK_SKEW_NS:
+                raise InvalidArgument.for_field(
+                    f"consents[{index}].updated_at", "must not be in the future"
+                )
+            decisions.append((purpose, state.granted, updated_at, state.source or "api"))
+        live, consents = await self.domain.update_consent(profile_id, identifier, decisions)
+        return service_pb2.UpdateConsentResponse(profile_id=live, consents=consents)
+
+    async def DeleteProfile(
+        self, request: service_pb2.DeleteProfileRequest, context: Any
+    ) -> service_pb2.DeleteProfileResponse:
+        profile_id, identifier = self._target(request)
+        job = await self.domain.delete(
+            profile_id, identifier, request.reason, suppress=not request.skip_suppression
+        )
+        return service_pb2.DeleteProfileResponse(job=job)
+
+    async def GetDeletion(
+        self, request: service_pb2.GetDeletionRequest, context: Any
+    ) -> service_pb2.GetDeletionResponse:
+        if not request.job_id:
+            raise InvalidArgument.for_field("job_id", "required")
+        return service_pb2.GetDeletionResponse(job=await self.domain.deletion(request.job_id))
+
+    async def ReportDeletionProgress(
+        self, request: service_pb2.ReportDeletionProgressRequest, context: Any
+    ) -> service_pb2.ReportDeletionProgressResponse:
+        if not request.job_id:
+            raise InvalidArgument.for_field("job_id", "required")
+        if request.service not in REPORTING_SERVICES:
+            raise InvalidArgument.for_field("service", f"one of {', '.join(REPORTING_SERVICES)}")
+        if request.state not in (job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED):
+            raise InvalidArgument.for_field("state", "SUCCEEDED or FAILED")
+        job = await self.domain.report_deletion(
+            request.job_id, request.service, request.state, request.error
+        )
+        return service_pb2.ReportDeletionProgressResponse(job=job)
+
+    async def SuppressIdentifiers(
+        self, request: service_pb2.SuppressIdentifiersRequest, context: Any
+    ) -> service_pb2.SuppressIdentifiersResponse:
+        identifiers = self._identifiers(request.identifiers)
+        await self.domain.suppress(identifiers, request.reason)
+        return service_pb2.SuppressIdentifiersResponse(
+            identifiers=[messages.identifier(i) for i in identifiers]
+        )
+
+    async def UnsuppressIdentifiers(
+        self, request: service_pb2.UnsuppressIdentifiersRequest, context: Any
+    ) -> service_pb2.UnsuppressIdentifiersResponse:
+        identifiers = self._identifiers(request.identifiers)
+        removed = await self.domain.unsuppress(identifiers, request.reason)
+        return service_pb2.UnsuppressIdentifiersResponse(removed_count=removed)

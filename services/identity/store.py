@@ -22,6 +22,7 @@ from profilemesh.services.identity.extraction import EventSummary
 from profilemesh.services.identity.graph import (
     ChangeSet,
     Counters,
+    Erasure,
     EvidenceRef,
     GraphSnapshot,
     IdentityGraph,
@@ -153,6 +154,8 @@ class GraphStore:
             "INSERT OR REPLACE INTO identity_traits (anchor, states) VALUES (?, ?)",
             [(anchor.key, _states_json(states)) for anchor, states in changes.traits],
         )
+        if changes.erased:
+            _erase(connection, changes.erased)
         counters = changes.counters
         execute(
             "INSERT OR REPLACE INTO identity_counters (name, value) VALUES (?, ?)",
@@ -301,6 +304,21 @@ class GraphStore:
             EventSummary(message_id, type_, name, int(occurred_at), json.loads(properties))
             for _, message_id, type_, name, occurred_at, properties in rows
         ]
+
+
+def _erase(connection: sqlite3.Connection, erased: Erasure) -> None:
+    """Remove every row of deleted people (their links went with ``removed_links``)."""
+    execute = connection.executemany
+    keys = [(i.key,) for i in erased.identifiers]
+    ids = [(p,) for p in erased.profile_ids]
+    execute("DELETE FROM identity_nodes WHERE identifier = ?", keys)
+    execute("DELETE FROM identity_traits WHERE anchor = ?", keys)
+    execute("DELETE FROM identity_blocked WHERE identifier = ?", keys)
+    execute("DELETE FROM identity_refusals WHERE identifier = ?", keys)
+    execute("DELETE FROM identity_recent_events WHERE anchor = ?", keys)
+    execute("DELETE FROM identity_profiles WHERE profile_id = ?", ids)
+    execute("DELETE FROM identity_refusals WHERE profile_id = ?", ids)
+    execute("DELETE FROM identity_merges WHERE merge_id = ?", [(m,) for m in erased.merge_ids])
 
 
 def _trim(connection: sqlite3.Connection, profile_id: str, keep: int) -> None:

@@ -207,6 +207,12 @@ class TraitBook:
     def values(self, profile_id: str, names: Iterable[str] | None = None) -> dict[str, Any]:
         """The surviving value of the profile's traits (all, or those in ``names``), nulls
         included."""
+        combined = self.combined(profile_id, names)
+        return {name: state.value(self.rules.trait_rule(name)) for name, state in combined.items()}
+
+    def combined(self, profile_id: str, names: Iterable[str] | None = None) -> States:
+        """The profile's state of each trait (all, or those in ``names``): its anchors'
+        states combined."""
         wanted = None if names is None else set(names)
         combined: States = {}
         for member in self._members_of(profile_id):
@@ -218,7 +224,7 @@ class TraitBook:
                     continue
                 seen = combined.get(name)
                 combined[name] = state if seen is None else seen.combine(state)
-        return {name: state.value(self.rules.trait_rule(name)) for name, state in combined.items()}
+        return combined
 
     def traits_of(self, profile_id: str) -> dict[str, Any]:
         """The surviving value of every trait of a profile (traits whose value is null left
@@ -238,6 +244,13 @@ class TraitBook:
         dirty = [(anchor, dict(self._anchors[anchor])) for anchor in self._dirty]
         self._dirty.clear()
         return dirty
+
+    def forget(self, anchors: Iterable[Identifier]) -> None:
+        """Drop the states of ``anchors`` (a deleted person's identifiers); the store removes
+        their rows itself."""
+        for anchor in anchors:
+            self._anchors.pop(anchor, None)
+            self._dirty.discard(anchor)
 
     def restore(self, anchors: Mapping[Identifier, States], seq: int) -> None:
         """Load stored anchor states."""

@@ -43,6 +43,7 @@ from profilemesh.ingestion.v1 import (
     ingestion_service_pb2_grpc,
     result_pb2,
 )
+from profilemesh.shared.auth.outbound import with_token
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -352,6 +353,16 @@ def _server_retry_delay(error: grpc.RpcError) -> float | None:
     return None
 
 
+def _open_channel(
+    target: str,
+    options: list[tuple[str, Any]],
+    credentials: grpc.ChannelCredentials | None,
+) -> grpc.Channel:
+    if credentials is None:
+        return grpc.insecure_channel(target, options=options)
+    return grpc.secure_channel(target, credentials, options=options)
+
+
 class Client:
     """Sends events to the ingestion service in the background.
 
@@ -389,13 +400,19 @@ class Client:
         channel_options: list[tuple[str, Any]] | None = None,
         backoff_initial: float = 0.1,
         backoff_max: float = 10.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
     ) -> None:
         """Connect (lazily) to the ingestion service at ``target`` and start the consumer.
 
         ``source`` names the sender and selects the service's tracking plan. ``timeout`` bounds
         each SendEvents attempt; ``backoff_initial`` and ``backoff_max`` bound the retry delays
         (the n-th retry waits a random time up to ``min(backoff_max, backoff_initial * 2**n)``).
-        ``channel_options`` are passed to ``grpc.insecure_channel``.
+        ``channel_options`` are passed to the gRPC channel. ``credentials`` make it a TLS
+        channel: ``grpc.ssl_channel_credentials(...)`` with a client certificate for a mesh
+        that requires mutual TLS (``profilemesh.shared.tls.channel_credentials`` builds them
+        from the ``tls`` settings). ``token`` is the API token sent with every call (one with
+        the ``events:write`` scope, from ``profilemesh tokens create``).
         """
         if not 1 <= max_batch_events <= SERVICE_MAX_BATCH_EVENTS:
             raise ValueError(f"max_batch_events must be 1..{SERVICE_MAX_BATCH_EVENTS}")
@@ -424,7 +441,7 @@ class Client:
         self._lifecycle_lock = threading.Lock()
         self._closed = False
         self._abort = threading.Event()
-        self._channel = grpc.insecure_channel(target, options=channel_options or [])
+        self._channel = with_token(_open_channel(target, channel_options or [], credentials), token)
         self._sender = _Sender(
             ingestion_service_pb2_grpc.IngestionServiceStub(self._channel),
             source,

@@ -1,7 +1,8 @@
 """The ingestion domain as a whole: what the servicer talks to, open once the log is.
 
 It owns the tracking plans (available at once), and the intake (checks, dedup and durable
-appends), which exists only while the event log is open.
+appends), which exists only while the event log is open; so do the suppression list and
+purges, which act on what the intake stores.
 """
 
 from __future__ import annotations
@@ -9,10 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from profilemesh.services.ingestion.intake import Intake
+from profilemesh.services.ingestion.purge import PurgeOutcome, purge
 from profilemesh.services.ingestion.source_runs import SourceRuns
+from profilemesh.services.ingestion.suppressions import SuppressionList, SuppressionStats
 from profilemesh.services.ingestion.tracking_plans import TrackingPlans
 from profilemesh.shared.errors import Unavailable
 from profilemesh.shared.log.embedded import EmbeddedLog
@@ -53,7 +57,11 @@ class Ingestion:
         connector runs."""
         if self.settings.tracking_plans_file is not None:
             self.plans.load_yaml(self.settings.tracking_plans_file)
-        intake = Intake(event_log, self.settings, self.plans, self.data_dir / "dedup.snapshot")
+        suppressions = SuppressionList(self.data_dir / "suppressions.sqlite")
+        await asyncio.to_thread(suppressions.open)
+        intake = Intake(
+            event_log, self.settings, self.plans, self.data_dir / "dedup.snapshot", suppressions
+        )
         await intake.recover()
         self._intake = intake
         self._snapshots = asyncio.create_task(self._snapshot_periodically(intake))
@@ -73,7 +81,26 @@ class Ingestion:
                 await self._snapshots
         if self._intake is not None:
             await self._intake.save_snapshot()
+            await asyncio.to_thread(self._intake.suppressions.close)
             self._intake = None
+
+    # -- privacy -------------------------------------------------------------------------------
+
+    async def suppress(self, values: Sequence[str], reason: str) -> int:
+        """Suppress identifier ``values`` (durably); how many were not suppressed before."""
+        return await asyncio.to_thread(self.intake.suppressions.suppress, values, reason)
+
+    async def unsuppress(self, values: Sequence[str]) -> int:
+        """Stop suppressing identifier ``values``; how many of them were suppressed."""
+        return await asyncio.to_thread(self.intake.suppressions.unsuppress, values)
+
+    async def suppression_stats(self) -> SuppressionStats:
+        """The size of the suppression list and the number of items it made intake drop."""
+        return await asyncio.to_thread(self.intake.suppressions.stats)
+
+    async def purge(self, job_id: str, values: Sequence[str]) -> PurgeOutcome:
+        """Erase every stored item that mentions identifier ``values`` (see :mod:`.purge`)."""
+        return await purge(self.intake.log, self.source_runs, job_id, values)
 
     async def _snapshot_periodically(self, intake: Intake) -> None:
         while True:

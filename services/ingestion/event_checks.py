@@ -21,6 +21,7 @@ from profilemesh.services.ingestion.tracking_plans import TrackingPlans
 from profilemesh.shared.errors import FieldViolation
 from profilemesh.shared.settings import IngestionSettings
 from profilemesh.shared.wire import length_delimited, string_field, timestamp_field, varint
+from profilemesh.shared.wire_problems import locate
 
 MAX_ID_LENGTH = 256
 # Timestamps outside these bounds (1970..2200) are mistakes, not events.
@@ -98,9 +99,8 @@ class EventChecker:
             try:
                 view = _Event.FromString(raw)
             except DecodeError:
-                rejected.append(
-                    RejectedEvent(index, "", [FieldViolation(where, "not a valid Event")])
-                )
+                # Only refused bytes are walked again, to name the field (event.context.ip).
+                rejected.append(RejectedEvent(index, "", [locate(_Event.DESCRIPTOR, raw, where)]))
                 continue
             problems = _structural_problems(view, where)
             body = view.WhichOneof("body")

@@ -4,10 +4,14 @@ An event is acknowledged only once it is durably in the event log. A batch is ch
 event (one bad event never blocks the good ones), duplicates are answered as such, and the
 accepted events of a batch are appended together: all of them durable, or none and the caller
 gets the error (their ids are released, so the retry is not taken for a duplicate).
+
+Items that mention a suppressed identifier (a deleted person) are acknowledged like the others
+but dropped before the append, and counted (:mod:`.suppressions`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -25,6 +29,7 @@ from profilemesh.services.ingestion.records import (
     check_records,
     record_dedup_id,
 )
+from profilemesh.services.ingestion.suppressions import SuppressionList
 from profilemesh.services.ingestion.tracking_plans import TrackingPlans
 from profilemesh.shared.log.embedded import EmbeddedLog
 from profilemesh.shared.settings import IngestionSettings
@@ -34,20 +39,28 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EventsOutcome:
-    """What became of each event of a batch."""
+    """What became of each event of a batch.
+
+    ``accepted`` is what the sender is told was accepted; it includes ``suppressed``, the
+    events dropped instead of stored because they mention a suppressed identifier (a sender
+    must not learn that a person was suppressed).
+    """
 
     accepted: list[CheckedEvent] = field(default_factory=list)
     duplicates: list[CheckedEvent] = field(default_factory=list)
     rejected: list[RejectedEvent] = field(default_factory=list)
+    suppressed: list[CheckedEvent] = field(default_factory=list)
 
 
 @dataclass
 class RecordsOutcome:
-    """What became of each record of a batch."""
+    """What became of each record of a batch (``accepted`` includes ``suppressed``, as for
+    events)."""
 
     accepted: list[CheckedRecord] = field(default_factory=list)
     duplicates: list[CheckedRecord] = field(default_factory=list)
     rejected: list[RejectedRecord] = field(default_factory=list)
+    suppressed: list[CheckedRecord] = field(default_factory=list)
 
 
 class Intake:
@@ -59,10 +72,13 @@ class Intake:
         settings: IngestionSettings,
         plans: TrackingPlans,
         dedup_snapshot: Path,
+        suppressions: SuppressionList | None = None,
     ) -> None:
         self.log = log
         self.settings = settings
         self.plans = plans
+        # Without a list (an intake used on its own), nothing is suppressed.
+        self.suppressions = suppressions if suppressions is not None else SuppressionList(None)
         self.checker = EventChecker(settings, plans)
         self.dedup = Deduplicator(settings.dedup_window_hours * 3600, settings.dedup_max_ids)
         self.dedup_snapshot = dedup_snapshot
@@ -98,12 +114,16 @@ class Intake:
         for event, new in zip(accepted, fresh, strict=True):
             (outcome.accepted if new else outcome.duplicates).append(event)
         if outcome.accepted:
+            stored, outcome.suppressed = self.suppressions.split(outcome.accepted)
             try:
-                await self.log.append_batch([(e.key, e.payload) for e in outcome.accepted])
+                if stored:
+                    await self.log.append_batch([(e.key, e.payload) for e in stored])
             except BaseException:
                 self.dedup.release(claimed)
                 raise
+        # A suppressed event's id is remembered too: its retry is a duplicate, as for any other.
         self.dedup.commit(claimed)
+        await self._count_suppressed(outcome.suppressed)
         return outcome
 
     async def import_records(
@@ -129,13 +149,20 @@ class Intake:
         for record, new in zip(accepted, fresh, strict=True):
             (outcome.accepted if new else outcome.duplicates).append(record)
         if outcome.accepted:
+            stored, outcome.suppressed = self.suppressions.split(outcome.accepted)
             try:
-                await self.log.append_batch([(r.key, r.payload) for r in outcome.accepted])
+                if stored:
+                    await self.log.append_batch([(r.key, r.payload) for r in stored])
             except BaseException:
                 self.dedup.release(claimed)
                 raise
         self.dedup.commit(claimed)
+        await self._count_suppressed(outcome.suppressed)
         return outcome
+
+    async def _count_suppressed(self, dropped: Sequence[object]) -> None:
+        if dropped:
+            await asyncio.to_thread(self.suppressions.count_dropped, len(dropped))
 
     # -- dedup persistence -----------------------------------------------------------------
 
@@ -148,9 +175,10 @@ class Intake:
             start = partition.first if offsets is None else offsets.get(partition.partition, 0)
             start = max(start, partition.first)
             async for batch in self.log.subscribe(partition.partition, start, stop_at_end=True):
-                ids = [dedup_id(payload) for payload in batch.payload_list()]
-                self.dedup.observe(i for i in ids if i)
-                replayed += len(ids)
+                for run in batch.without_redacted():  # a redacted record has no id left
+                    ids = [dedup_id(payload) for payload in run.payload_list()]
+                    self.dedup.observe(i for i in ids if i)
+                    replayed += len(ids)
         log.info("dedup recovered", extra={"replayed": replayed, "snapshot": offsets is not None})
 
     async def save_snapshot(self) -> None:

@@ -215,6 +215,36 @@ class IngestionServicer(SourceRunsServicer, ingestion_service_pb2_grpc.Ingestion
         self.plans.delete(request.name)
         return ingestion_service_pb2.DeleteTrackingPlanResponse()
 
+    # -- privacy -----------------------------------------------------------------------------
+
+    async def SuppressIdentifiers(
+        self, request: ingestion_service_pb2.SuppressIdentifiersRequest, context: Any
+    ) -> ingestion_service_pb2.SuppressIdentifiersResponse:
+        added = await self.domain.suppress([i.value for i in request.identifiers], request.reason)
+        return ingestion_service_pb2.SuppressIdentifiersResponse(added_count=added)
+
+    async def UnsuppressIdentifiers(
+        self, request: ingestion_service_pb2.UnsuppressIdentifiersRequest, context: Any
+    ) -> ingestion_service_pb2.UnsuppressIdentifiersResponse:
+        removed = await self.domain.unsuppress([i.value for i in request.identifiers])
+        return ingestion_service_pb2.UnsuppressIdentifiersResponse(removed_count=removed)
+
+    async def PurgeIdentifiers(
+        self, request: ingestion_service_pb2.PurgeIdentifiersRequest, context: Any
+    ) -> ingestion_service_pb2.PurgeIdentifiersResponse:
+        outcome = await self.domain.purge(request.job_id, [i.value for i in request.identifiers])
+        return ingestion_service_pb2.PurgeIdentifiersResponse(
+            purged_count=outcome.purged, scrubbed_source_run_count=outcome.scrubbed_source_runs
+        )
+
+    async def GetSuppressionStats(
+        self, request: ingestion_service_pb2.GetSuppressionStatsRequest, context: Any
+    ) -> ingestion_service_pb2.GetSuppressionStatsResponse:
+        stats = await self.domain.suppression_stats()
+        return ingestion_service_pb2.GetSuppressionStatsResponse(
+            suppressed_count=stats.suppressed, dropped_count=stats.dropped
+        )
+
 
 def record_results(outcome: RecordsOutcome) -> list[result_pb2.RecordResult]:
     """One result per record, in request order."""

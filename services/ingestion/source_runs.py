@@ -54,6 +54,9 @@ MAX_REJECTIONS = 20
 
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000
 
+ERASED = "[erased: it mentioned a suppressed or purged identifier]"
+"""What is stored in place of a text that mentioned a deleted person."""
+
 INTERRUPTED = (
     "interrupted: ingestion stopped before the run finished; start the run again to resume "
     "from its last checkpoint"
@@ -187,6 +190,10 @@ class SourceRuns:
             stored_config = _to_json(config)
         except ValueError as error:
             raise InvalidArgument.for_field("config", f"not JSON: {error}") from None
+        suppressions = self.intake.suppressions
+        if suppressions.active:  # an inline source's items are in its configuration
+            erased = _erased(json.loads(stored_config), suppressions.mentions)
+            stored_config = json.dumps(erased, sort_keys=True)
         async with self._starting:
             active = next((r for r in self._active.values() if r.info.source == source), None)
             if active is not None:
@@ -256,6 +263,15 @@ class SourceRuns:
             await asyncio.shield(run.task)
         return await self.get(run_id)
 
+    async def scrub(self, mentions: Callable[[str], bool]) -> int:
+        """Erase what the stored runs keep (rejection reasons, errors, configurations,
+        checkpoints) where ``mentions`` flags it, for a purge; how many runs changed."""
+        return await asyncio.to_thread(self._store.scrub, mentions)
+
+    def _withheld(self, text: str) -> str:
+        # What runs store about items they read must not name a suppressed person either.
+        return self.intake.suppressions.withheld(text)
+
     # -- running -------------------------------------------------------------------------------
 
     async def _execute(self, run: _ActiveRun) -> None:
@@ -277,6 +293,7 @@ class SourceRuns:
 
     async def _finish(self, info: SourceRunInfo, state: RunState, error: str) -> None:
         try:
+            error = self._withheld(error)
             await asyncio.to_thread(self._store.finish, info.run_id, state, error, _now())
         except sqlite3.Error:
             log.exception("recording the end of source run %s failed", info.run_id)
@@ -337,6 +354,11 @@ class SourceRuns:
             checkpoint = _to_json(batch.checkpoint)
         except ValueError as error:
             raise ValueError(f"the connector's checkpoint is not JSON: {error}") from None
+        if self.intake.suppressions.active:
+            progress.rejections[:] = [
+                Rejection(self._withheld(r.where), self._withheld(r.description))
+                for r in progress.rejections
+            ]
         await asyncio.to_thread(self._store.commit, info, progress, checkpoint)
 
     async def _send_events(
@@ -612,6 +634,8 @@ class _RunStore:
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
+        # Erased texts are overwritten, not left in free pages (see :meth:`scrub`).
+        db.execute("PRAGMA secure_delete=ON")
         db.executescript(_SCHEMA)
         self._db = db
         with self._transaction() as tx:
@@ -680,6 +704,44 @@ class _RunStore:
                 (state, error, now.timestamp(), run_id),
             )
 
+    def scrub(self, mentions: Callable[[str], bool]) -> int:
+        """Erase what ``mentions`` flags: rejection reasons and errors (overwritten), items and
+        values of a configuration (an inline source's items), checkpoints (forgotten). How
+        many runs changed. Then the WAL is emptied, so no copy of the old text is left."""
+        changed: set[str] = set()
+        with self._transaction() as tx:
+            rows = tx.execute("SELECT run_id, config, rejections, error, checkpoint FROM runs")
+            for run_id, config, rejections, error, checkpoint in rows.fetchall():
+                if not mentions(f"{config}\n{rejections}\n{error}\n{checkpoint}"):
+                    continue
+                reasons = [
+                    [ERASED if mentions(where) else where, ERASED if mentions(text) else text]
+                    for where, text in json.loads(rejections)
+                ]
+                tx.execute(
+                    "UPDATE runs SET config = ?, rejections = ?, error = ?, checkpoint = ? "
+                    "WHERE run_id = ?",
+                    (
+                        json.dumps(_erased(json.loads(config), mentions), sort_keys=True),
+                        json.dumps(reasons),
+                        ERASED if mentions(error) else error,
+                        None if checkpoint is None or mentions(checkpoint) else checkpoint,
+                        run_id,
+                    ),
+                )
+                changed.add(run_id)
+            rows = tx.execute("SELECT connector, source, checkpoint, run_id FROM checkpoints")
+            for connector, source, checkpoint, run_id in rows.fetchall():
+                if mentions(checkpoint):
+                    tx.execute(
+                        "DELETE FROM checkpoints WHERE connector = ? AND source = ?",
+                        (connector, source),
+                    )
+                    changed.add(run_id)
+        with self._lock:
+            self._connection().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return len(changed)
+
     def checkpoint(self, connector: str, source: str) -> Checkpoint | None:
         row = self._query(
             "SELECT checkpoint FROM checkpoints WHERE connector = ? AND source = ?",
@@ -731,6 +793,26 @@ class _RunStore:
         if self._db is None:
             raise RuntimeError("the source run store is not open: call SourceRuns.open() first")
         return self._db
+
+
+def _erased(value: Any, mentions: Callable[[str], bool]) -> Any:
+    """A JSON value with every string, and every object or list inside a list (an item),
+    that ``mentions`` flags replaced by :data:`ERASED`."""
+    if isinstance(value, str):
+        return ERASED if mentions(value) else value
+    if isinstance(value, list):
+        return [
+            ERASED
+            if isinstance(element, dict | list) and mentions(json.dumps(element))
+            else _erased(element, mentions)
+            for element in value
+        ]
+    if isinstance(value, dict):
+        return {
+            (ERASED if mentions(key) else key): _erased(element, mentions)
+            for key, element in value.items()
+        }
+    return value
 
 
 def _info(row: tuple[Any, ...]) -> SourceRunInfo:

@@ -42,6 +42,10 @@ _ENUM_PREFIXES = {
     "event_type": "EVENT_TYPE_",
 }
 _NAME = re.compile(r"^[A-Za-z0-9_.\- ]{1,128}$")
+MAX_PLAN_VALUES = 100_000
+"""Values (mappings, lists and scalars) in one plan's YAML/JSON form."""
+MAX_PLAN_DEPTH = 16
+"""Levels of nesting in one plan's YAML/JSON form (a real plan has about six)."""
 
 
 def _type_ok(kind: int, value: Any) -> bool:
@@ -74,6 +78,14 @@ def _looks_like_iso_time(text: str) -> bool:
     try:
         datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
+        return False
+    return True
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
         return False
     return True
 
@@ -186,9 +198,13 @@ def validate_plan(plan: TrackingPlan, where: str = "tracking_plan") -> None:
             if prop.pattern:
                 try:
                     re.compile(prop.pattern)
-                except re.error as error:
+                except (re.error, OverflowError) as error:  # OverflowError: a{99999999999}
                     problems.append(
                         (f"{where}.events[{i}].properties[{j}].pattern", f"invalid: {error}")
+                    )
+                except RecursionError:
+                    problems.append(
+                        (f"{where}.events[{i}].properties[{j}].pattern", "groups nested too deep")
                     )
     if problems:
         raise InvalidArgument(f"invalid tracking plan {plan.name!r}", violations=problems)
@@ -196,22 +212,39 @@ def validate_plan(plan: TrackingPlan, where: str = "tracking_plan") -> None:
 
 def plan_from_dict(document: Mapping[str, Any], where: str) -> TrackingPlan:
     """A plan from its YAML/JSON form; enum values may be short (``reject``, ``number``)."""
+    if not isinstance(document, Mapping):
+        raise InvalidArgument.for_field(where, "a tracking plan is a mapping of its fields")
+    size = 0
 
-    def expand(value: Any) -> Any:
+    def expand(value: Any, depth: int) -> Any:
+        # YAML aliases make a document a graph: bound the tree it unfolds to, so that a few
+        # anchors (or one that contains itself) cannot stand for billions of values.
+        nonlocal size
+        size += 1
+        if size > MAX_PLAN_VALUES or depth > MAX_PLAN_DEPTH:
+            raise InvalidArgument.for_field(
+                where,
+                f"more than {MAX_PLAN_VALUES:,} values or {MAX_PLAN_DEPTH} levels of nesting, "
+                "with YAML aliases expanded",
+            )
+        if isinstance(value, str) and not _is_unicode(value):
+            # YAML's "\ud800" escape; protobuf's enum lookup fails on it with a SystemError.
+            raise InvalidArgument.for_field(where, "a string has a lone surrogate code point")
         if isinstance(value, dict):
             out = {}
             for key, item in value.items():
+                expand(key, depth + 1)
                 prefix = _ENUM_PREFIXES.get(key)
                 if prefix and isinstance(item, str) and not item.upper().startswith(prefix):
                     item = prefix + item.upper()
-                out[key] = expand(item)
+                out[key] = expand(item, depth + 1)
             return out
         if isinstance(value, list):
-            return [expand(item) for item in value]
+            return [expand(item, depth + 1) for item in value]
         return value
 
     try:
-        plan = json_format.ParseDict(expand(dict(document)), TrackingPlan())
+        plan = json_format.ParseDict(expand(dict(document), 0), TrackingPlan())
     except json_format.ParseError as error:
         raise InvalidArgument.for_field(where, str(error)) from error
     validate_plan(plan, where)
@@ -234,8 +267,17 @@ class TrackingPlans:
 
     def load_yaml(self, file: Path) -> None:
         """Add or replace the plans of a YAML file (``plans: [...]``)."""
-        document = yaml.safe_load(file.read_text()) or {}
+        try:
+            document = yaml.safe_load(file.read_text()) or {}
+        except RecursionError:
+            raise InvalidArgument.for_field(file.name, "not YAML: nested too deeply") from None
+        except yaml.YAMLError as error:
+            raise InvalidArgument.for_field(file.name, f"not YAML: {error}") from None
+        except Exception as error:  # not UTF-8; PyYAML's own errors on tags like !!timestamp 'x'
+            raise InvalidArgument.for_field(file.name, f"not YAML: {error!r}") from None
         entries = document.get("plans", []) if isinstance(document, dict) else []
+        if not isinstance(entries, list):
+            raise InvalidArgument.for_field(f"{file.name}: plans", "a list of tracking plans")
         plans = [
             plan_from_dict(entry, f"{file.name}: plans[{i}]") for i, entry in enumerate(entries)
         ]

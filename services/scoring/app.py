@@ -23,7 +23,9 @@ def build_app(settings: Settings) -> ServiceApp:
         lambda: create_blocking_channel(target, settings),
         deadline_seconds=settings.client.deadline_seconds,
     )
-    domain = Scoring(settings.service_data_dir("scoring"), features)
+    domain = Scoring(
+        settings.service_data_dir("scoring"), features, lambda: channel_to("identity", settings)
+    )
     app = ServiceApp(
         name="scoring",
         bindings=[

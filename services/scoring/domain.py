@@ -13,10 +13,11 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pyarrow as pa
 
@@ -33,6 +34,8 @@ from profilemesh.services.scoring.features_client import (
 from profilemesh.services.scoring.lookalikes import score_lookalikes
 from profilemesh.services.scoring.models_in_use import ModelsInUse, ProfileScorer, ScoredRows
 from profilemesh.services.scoring.registry import ModelRegistry
+from profilemesh.shared import deletion_reports
+from profilemesh.shared.deletion_reports import DeletionReporter
 from profilemesh.shared.errors import InvalidArgument, NotFound, Unavailable
 from profilemesh.shared.log.api import LogReader
 from profilemesh.shared.log.consumer import LogConsumer
@@ -51,9 +54,16 @@ RESCORE_CHUNK = 1_000
 class Scoring:
     """The scoring service's state under ``data_dir``; usable once :meth:`open` ran."""
 
-    def __init__(self, data_dir: Path, features: FeaturesClient) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        features: FeaturesClient,
+        identity_channel: Callable[[], grpc.aio.Channel] | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.features = features
+        self.identity_channel = identity_channel
+        """How to reach identity, to report the deletions this service carried out."""
         self.lock = threading.Lock()
         self.runs: dict[str, model_pb2.TrainingRun] = {}
         self._registry: ModelRegistry | None = None
@@ -88,14 +98,23 @@ class Scoring:
         self._models = ModelsInUse(self._registry)
         store = SqliteConsumerStore(self.data_dir / "scoring.sqlite")
         store.schema(rescoring.SCHEMA)
+        store.schema(deletion_reports.SCHEMA)
         outbox = Outbox(store, changes)
         rescorer = rescoring.Rescorer(self._models, self.features, outbox, self.lock)
+        reporter = DeletionReporter("scoring", lambda: self.store, self._identity_channel)
+
+        def applied(_: object) -> None:
+            outbox.notify()
+            if rescorer.deleted:
+                rescorer.deleted = False
+                reporter.notify()
+
         consumer: LogConsumer[object] = LogConsumer(
             CONSUMER,
             feature_changes,
             store,  # type: ignore[arg-type]
             rescorer,  # type: ignore[arg-type]
-            on_applied=lambda _: outbox.notify(),
+            on_applied=applied,
         )
         self._store, self._outbox, self._rescorer, self._consumer = (
             store,
@@ -106,7 +125,13 @@ class Scoring:
         self._tasks = [
             asyncio.create_task(fail_stop("scoring", "outbox", outbox.run)),
             asyncio.create_task(fail_stop("scoring", "consumer", consumer.run)),
+            asyncio.create_task(fail_stop("scoring", "deletion reports", reporter.run)),
         ]
+
+    def _identity_channel(self) -> grpc.aio.Channel:
+        if self.identity_channel is None:
+            raise Unavailable("scoring was started without a way to reach identity")
+        return self.identity_channel()
 
     async def close(self) -> None:
         await stop_background([self._consumer] if self._consumer else [], self._tasks, self._outbox)

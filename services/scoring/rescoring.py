@@ -31,6 +31,7 @@ from profilemesh.features.v1 import feature_log_pb2
 from profilemesh.scoring.v1 import score_log_pb2
 from profilemesh.services.scoring.features_client import FeaturesClient, vector_row
 from profilemesh.services.scoring.models_in_use import ModelsInUse, ProfileScorer
+from profilemesh.shared import deletion_reports
 from profilemesh.shared.log.api import RecordBatch
 from profilemesh.shared.log.outbox import Outbox
 
@@ -97,6 +98,8 @@ class Rescorer:
         self.features = features
         self.outbox = outbox
         self.lock = lock
+        self.deleted = False
+        """Set when a batch erased a person: the deletion reporter has work."""
 
     def __call__(self, tx: sqlite3.Connection, batch: RecordBatch) -> None:
         changed: dict[str, str] = {}
@@ -113,6 +116,9 @@ class Rescorer:
                 removed = entry.removed
                 changed.pop(removed.profile_id, None)
                 forget(tx, removed.profile_id)
+                if removed.reason == removal_pb2.REMOVAL_REASON_DELETED:
+                    deletion_reports.owe(tx, removed.deletion_job_id)
+                    self.deleted = True
                 published.append(
                     removed_entry(
                         removed.profile_id,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -20,6 +20,10 @@ from profilemesh.common.v1 import log_service_pb2
 from profilemesh.shared.errors import DomainError, ResourceExhausted
 
 TYPE_URL_PREFIX = "type.googleapis.com/"
+
+REDACTED_HEADER = "redacted"
+"""Header (value ``"1"``) of a record whose key and payload were erased by :meth:`Log.redact`:
+it keeps its offset, so positions stay valid, but carries nothing to apply."""
 
 
 def partition_for(key: str, partitions: int) -> int:
@@ -110,6 +114,49 @@ class RecordBatch:
         base, partition, when = self.base_offset, self.partition, self.append_time_ns
         for index, (key, payload) in enumerate(zip(self.keys, self.payload_list(), strict=True)):
             yield LogRecord(partition, base + index, key, payload, self.headers_of(index), when)
+
+    def redacted_flags(self) -> list[bool]:
+        """Whether each record was redacted (:data:`REDACTED_HEADER`)."""
+        if REDACTED_HEADER in self.headers:
+            return [True] * len(self)
+        if not self.message_headers:
+            return [False] * len(self)
+        return [REDACTED_HEADER in headers for headers in self.message_headers]
+
+    def without_redacted(self) -> list[RecordBatch]:
+        """The runs of consecutive records that were not redacted, each with its true offsets:
+        the batch itself when none was (the common case costs no scan)."""
+        if REDACTED_HEADER not in self.headers and not self.message_headers:
+            return [self]
+        flags = self.redacted_flags()
+        if not any(flags):
+            return [self]
+        runs = []
+        start = None
+        for index, redacted in enumerate([*flags, True]):
+            if not redacted and start is None:
+                start = index
+            elif redacted and start is not None:
+                runs.append(self.between(start, index))
+                start = None
+        return runs
+
+    def between(self, start: int, stop: int) -> RecordBatch:
+        """Records ``start`` (inclusive) to ``stop`` (exclusive) of this batch, by position."""
+        sizes = self.payload_sizes
+        first_byte = sum(sizes[:start])
+        last_byte = first_byte + sum(sizes[start:stop])
+        return RecordBatch(
+            partition=self.partition,
+            base_offset=self.base_offset + start,
+            append_time_ns=self.append_time_ns,
+            keys=self.keys[start:stop],
+            payload_sizes=sizes[start:stop],
+            payloads=self.payloads[first_byte:last_byte],
+            headers=self.headers,
+            message_headers=self.message_headers[start:stop] if self.message_headers else (),
+            payload_type=self.payload_type,
+        )
 
     def starting_at(self, offset: int) -> RecordBatch:
         """The records of this batch from ``offset`` on (the batch itself if it starts there)."""
@@ -270,6 +317,10 @@ class LogReader(ABC):
         """Release what the reader holds."""
 
 
+Selector = Callable[[int, RecordBatch], Sequence[bool]]
+"""Given a partition and a batch of its records, which records to redact (one flag each)."""
+
+
 class Log(LogReader):
     """A stream that can be appended to: durable before ``append_batch`` returns."""
 
@@ -290,6 +341,18 @@ class Log(LogReader):
         ``headers`` apply to every entry; when not given, they carry the current trace context
         so that consumers can link their spans to the producer's. Entries with the same key
         keep their order. Raises :class:`LogFull` when the backend cannot keep up.
+        """
+
+    @abstractmethod
+    async def redact(self, select: Selector) -> int:
+        """Erase the records ``select`` marks, wherever the log keeps them; how many it erased.
+
+        Every retained record is shown to ``select`` (in batches, possibly from a worker
+        thread). A marked record keeps its offset, headers and append time, but its key becomes
+        ``""``, its payload ``b""`` and it gains the header :data:`REDACTED_HEADER`, so that
+        consumers' positions stay valid and :class:`~profilemesh.shared.log.consumer.LogConsumer`
+        skips it. Records redacted before are never counted again. Once it returns, the erased
+        bytes are in no file of the log; appends and reads may go on meanwhile.
         """
 
     async def append(

@@ -88,8 +88,10 @@ class ConsumerStore(ABC, Generic[Tx]):
         """Apply the records of ``batch`` not applied yet and move the offset, atomically.
 
         Records below the committed offset were applied by an earlier delivery and are skipped
-        (the whole batch, if it lies entirely below). If ``handler`` raises, the transaction
-        rolls back, leaving state and offset as they were, and the exception propagates.
+        (the whole batch, if it lies entirely below); so are redacted records, the handler
+        being called once per run of consecutive records around them (not at all when every
+        record is redacted). If ``handler`` raises, the transaction rolls back, leaving state
+        and offset as they were, and the exception propagates.
         Raises :class:`OffsetOutOfRange` if the batch starts beyond the committed offset:
         applying it would silently skip records.
         """
@@ -105,7 +107,10 @@ class ConsumerStore(ABC, Generic[Tx]):
                         reason="OFFSET_GAP",
                     )
                 batch = batch.starting_at(committed)
-            handler(tx, batch)
+            # Redacted records (a person's data erased) hold nothing to apply: the handler
+            # sees the runs around them, and the offset still moves past them.
+            for run in batch.without_redacted():
+                handler(tx, run)
             self.commit_offset(tx, consumer, stream, batch.partition, batch.next_offset)
 
 

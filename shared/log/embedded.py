@@ -15,12 +15,19 @@ never acknowledged, so its producer retries, and ingestion's deduplication absor
 Readers only ever see synced data. A failed write or sync stops the log (fail-stop): what was
 acknowledged is on disk, what was not is either absent or cut off as a torn tail on the next
 open, and retrying on a half-failed disk would risk acknowledging lost data.
+
+Redaction (:meth:`EmbeddedLog.redact`, erasing a person) replaces files with redacted copies
+(:mod:`.redaction`) under the read lock, so a reader sees the old file or the new one. Closed
+segments and archived files change under nobody's feet but retention's, which takes turns with
+it; the active segments are copied while appends go on, and the writer is paused only to copy
+what arrived meanwhile and to switch to the copies.
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import fcntl
 import json
 import os
@@ -28,7 +35,7 @@ import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +51,7 @@ from profilemesh.shared.log.api import (
     PartitionRange,
     Positions,
     RecordBatch,
+    Selector,
 )
 from profilemesh.shared.log.archive import (
     ArchivedSegment,
@@ -51,6 +59,12 @@ from profilemesh.shared.log.archive import (
     archive_segment,
     load_manifest,
     read_archived,
+)
+from profilemesh.shared.log.redaction import (
+    TEMPORARY_SUFFIX,
+    SegmentRewrite,
+    replace_file,
+    rewrite_archived_file,
 )
 from profilemesh.shared.log.segments import (
     INDEX_SUFFIX,
@@ -250,6 +264,14 @@ class EmbeddedLog(Log):
         self._sync_pool = ThreadPoolExecutor(max_workers=min(partitions, 8))
         self._files = FileCache()
         self._read_lock = threading.Lock()
+        # Held by whoever replaces or removes files of closed segments and the archive
+        # (retention, redaction), so that they never work on the same file at once.
+        self._rewrite_lock = threading.Lock()
+        # A redaction pauses the writer to replace the active segments: the writer then
+        # writes only the appends queued before the pause, and parks.
+        self._paused = False
+        self._takeable_while_paused = 0
+        self._writer_parked = False
         self._waiters: dict[int, asyncio.Event] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._threads: list[threading.Thread] = []
@@ -316,6 +338,10 @@ class EmbeddedLog(Log):
             temporary.write_text(json.dumps(layout))
             temporary.replace(layout_path)
             _fsync_directory(self.directory)
+        # A file still being written when a process died (an index, a manifest, an archive or
+        # redacted copy) was never put in place; it may even hold data redacted since.
+        for leftover in self.directory.rglob(f"*{TEMPORARY_SUFFIX}"):
+            leftover.unlink()
         for part in self._parts:
             part.open()
 
@@ -377,14 +403,21 @@ class EmbeddedLog(Log):
     def _write_loop(self) -> None:
         while True:
             with self._lock:
-                while not self._queue and not self._closing:
+                while not (takeable := self._takeable()):
+                    if self._closing and not self._paused:
+                        break
+                    if self._paused and not self._writer_parked:
+                        self._writer_parked = True
+                        self._flush_ready.notify_all()
                     self._work.wait()
-                if not self._queue:
+                self._writer_parked = False
+                if not takeable:
                     self._flushes.append(_Flush([], {}))  # tells the syncer to stop
                     self._flush_ready.notify()
                     return
-                appends = list(self._queue)
-                self._queue.clear()
+                appends = [self._queue.popleft() for _ in range(takeable)]
+                if self._paused:
+                    self._takeable_while_paused -= takeable
             try:
                 flush = self._write(appends)
             except BaseException as error:  # any failure stops the log
@@ -394,6 +427,34 @@ class EmbeddedLog(Log):
                 self._flushes.append(flush)
                 self._unsynced_flushes += 1
                 self._flush_ready.notify()
+
+    def _takeable(self) -> int:
+        """How many queued appends the writer may take now (call with ``_lock`` held)."""
+        if self._paused:
+            return min(self._takeable_while_paused, len(self._queue))
+        return len(self._queue)
+
+    @contextlib.contextmanager
+    def _writer_paused(self) -> Iterator[None]:
+        """Within the block, every append queued before it is written and synced, and the
+        writer writes nothing more: the active segments and their ends stay as they are."""
+        with self._lock:
+            self._check_open()
+            self._paused = True
+            self._takeable_while_paused = len(self._queue)
+            self._writer_parked = False  # the writer says so again once it has parked
+            self._work.notify_all()
+        try:
+            with self._lock:
+                while not self._writer_parked or self._unsynced_flushes:
+                    if self._failure is not None or not self._threads[0].is_alive():
+                        raise LogClosed(f"log {self.stream} stopped during a redaction")
+                    self._flush_ready.wait(timeout=0.05)
+            yield
+        finally:
+            with self._lock:
+                self._paused = False
+                self._work.notify_all()
 
     def _write(self, appends: list[_Append]) -> _Flush:
         now = time.time_ns()
@@ -508,7 +569,7 @@ class EmbeddedLog(Log):
         """Stored ``LogBatch`` bodies of ``partition`` from ``from_offset``, and the offset
         after the last one (``from_offset`` when nothing is there yet). Blocking file I/O."""
         part = self._partition(partition)
-        durable_next, durable_end = part.durable
+        durable_next = part.durable[0]
         self._check_offset(part, from_offset)
         if from_offset == durable_next:
             return [], from_offset
@@ -519,7 +580,8 @@ class EmbeddedLog(Log):
                     part.archive, archived, from_offset, max_records, self.payload_type
                 )
             if from_offset >= part.active_base:
-                path, end = part.active_path, durable_end
+                # Read under the lock: a redaction may have replaced the file since.
+                path, end = part.active_path, part.durable[1]
                 position = part.active_index.locate(from_offset)
             else:
                 segment = part.closed[bisect.bisect_right(part.closed_bases, from_offset) - 1]
@@ -612,6 +674,10 @@ class EmbeddedLog(Log):
     def maintain(self, now_ns: int | None = None) -> int:
         """Apply the retention policy to closed segments older than its age: archive them as
         Parquet or delete them. Blocking; returns how many segments it handled."""
+        with self._rewrite_lock:
+            return self._apply_retention(now_ns)
+
+    def _apply_retention(self, now_ns: int | None) -> int:
         if self.retention is None:
             return 0
         now_ns = time.time_ns() if now_ns is None else now_ns
@@ -636,6 +702,113 @@ class EmbeddedLog(Log):
                 _remove_segment(segment.path)
                 handled += 1
         return handled
+
+    # -- redaction ---------------------------------------------------------------------------
+
+    async def redact(self, select: Selector) -> int:
+        self._check_open()
+        return await asyncio.to_thread(self._redact, select)
+
+    def _redact(self, select: Selector) -> int:
+        """Archived files first, then closed segments, then the active segments. Appends go on
+        meanwhile; the writer is paused only to examine what was appended while the rest was
+        being examined, and to put the active segments' copies in place."""
+        with self._rewrite_lock:
+            redacted = 0
+            done: set[Path] = set()
+            active: list[SegmentRewrite] = []
+            try:
+                for part in self._parts:
+                    redacted += self._redact_archive(part, select)
+                    redacted += self._redact_closed(part, select, done)
+                    with self._read_lock:
+                        path, end = part.active_path, part.durable[1]
+                    rewrite = SegmentRewrite(path, part.number, select)
+                    active.append(rewrite)
+                    rewrite.scan(end)
+                    if rewrite.changed:
+                        rewrite.write()
+                with self._writer_paused():
+                    for part, rewrite in zip(self._parts, list(active), strict=True):
+                        # A segment closed since it was examined as the active one.
+                        redacted += self._redact_closed(part, select, done)
+                        if rewrite.path != part.active_path:
+                            rewrite.discard()
+                            rewrite = SegmentRewrite(part.active_path, part.number, select)
+                            active.append(rewrite)
+                        redacted += self._replace_active(part, rewrite)
+            finally:
+                for rewrite in active:
+                    rewrite.discard()
+            return redacted
+
+    def _redact_archive(self, part: _Partition, select: Selector) -> int:
+        with self._read_lock:
+            entries = list(part.archived)
+        redacted = 0
+        for entry in entries:
+            for name in entry.files:
+                path = part.archive / name
+                count, temporary = rewrite_archived_file(
+                    path, part.number, select, self.payload_type
+                )
+                if temporary is None:
+                    continue
+                try:
+                    with self._read_lock:  # read_archived opens the file by its name
+                        replace_file(temporary, path)
+                finally:
+                    temporary.unlink(missing_ok=True)
+                redacted += count
+        return redacted
+
+    def _redact_closed(self, part: _Partition, select: Selector, done: set[Path]) -> int:
+        """Redact the closed segments of ``part`` not in ``done`` (then added to it)."""
+        with self._read_lock:
+            segments = [segment for segment in part.closed if segment.path not in done]
+        redacted = 0
+        for segment in segments:
+            done.add(segment.path)
+            rewrite = SegmentRewrite(segment.path, part.number, select)
+            try:
+                rewrite.scan(segment.size)
+                if not rewrite.changed:
+                    continue
+                rewrite.write()
+                rewrite.finish()
+                index_path = segment.path.with_suffix(INDEX_SUFFIX)
+                with self._read_lock:
+                    # Without an index a crash leaves nothing stale: open rebuilds it.
+                    index_path.unlink(missing_ok=True)
+                    replace_file(rewrite.temporary, segment.path)
+                    rewrite.index.write(index_path)
+                    segment.size = rewrite.size
+                    self._files.forget(segment.path)
+                redacted += rewrite.redacted
+            finally:
+                rewrite.discard()
+        return redacted
+
+    def _replace_active(self, part: _Partition, rewrite: SegmentRewrite) -> int:
+        """Finish the copy of ``part`` 's active segment and append to it from now on (with
+        the writer paused: the segment ends at its durable end)."""
+        rewrite.scan(part.durable[1])
+        if not rewrite.changed:
+            return 0
+        rewrite.write()
+        rewrite.finish()
+        fd = os.open(rewrite.temporary, os.O_WRONLY | os.O_APPEND)
+        try:
+            with self._read_lock:
+                replace_file(rewrite.temporary, part.active_path)
+                fd, part.fd = part.fd, fd
+                part.active_index = rewrite.index
+                part.written_end = rewrite.size
+                part.durable = (part.durable[0], rewrite.size)
+                self._files.forget(part.active_path)
+        finally:
+            os.close(fd)  # the old file's, once replaced; else the copy's
+        return rewrite.redacted
 
     # -- closing ---------------------------------------------------------------------------
 

@@ -56,6 +56,9 @@ class SqliteConsumerStore(ConsumerStore[sqlite3.Connection]):
         with self._lock:
             self._connection.execute("PRAGMA journal_mode=WAL")
             self._connection.execute("PRAGMA synchronous=FULL")
+            # Deleted rows are overwritten with zeros, not left in free pages: an erased person
+            # must not be readable from the file (see :meth:`scrub` for the WAL's copies).
+            self._connection.execute("PRAGMA secure_delete=ON")
             self._connection.execute(_OFFSETS_TABLE)
 
     def schema(self, sql: str) -> None:
@@ -142,6 +145,14 @@ class SqliteConsumerStore(ConsumerStore[sqlite3.Connection]):
             " DO UPDATE SET next_offset = excluded.next_offset",
             (consumer, stream, partition, next_offset),
         )
+
+    def scrub(self) -> bool:
+        """Copy the WAL into the database file and truncate it, so that page images written
+        before a deletion survive nowhere. False when a reader kept part of the WAL alive (try
+        again later)."""
+        with self._lock:
+            busy, _, _ = self._connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return int(busy) == 0
 
     def close(self) -> None:
         """Close the connections (waiting for a transaction in progress to finish)."""

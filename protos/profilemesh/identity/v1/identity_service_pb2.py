@@ -24,6 +24,7 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from profilemesh.common.v1 import identifier_pb2 as profilemesh_dot_common_dot_v1_dot_identifier__pb2
+from profilemesh.common.v1 import job_pb2 as profilemesh_dot_common_dot_v1_dot_job__pb2
 from profilemesh.common.v1 import profile_pb2 as profilemesh_dot_common_dot_v1_dot_profile__pb2
 from profilemesh.identity.v1 import deletion_pb2 as profilemesh_dot_identity_dot_v1_dot_deletion__pb2
 from profilemesh.identity.v1 import identity_rules_pb2 as profilemesh_dot_identity_dot_v1_dot_identity__rules__pb2
@@ -32,67 +33,71 @@ from profilemesh.identity.v1 import merge_pb2 as profilemesh_dot_identity_dot_v1
 from profilemesh.ingestion.v1 import record_pb2 as profilemesh_dot_ingestion_dot_v1_dot_record__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.profilemesh/identity/v1/identity_service.proto\x12\x17profilemesh.identity.v1\x1a google/protobuf/field_mask.proto\x1a&profilemesh/common/v1/identifier.proto\x1a#profilemesh/common/v1/profile.proto\x1a&profilemesh/identity/v1/deletion.proto\x1a,profilemesh/identity/v1/identity_rules.proto\x1a&profilemesh/identity/v1/matching.proto\x1a#profilemesh/identity/v1/merge.proto\x1a%profilemesh/ingestion/v1/record.proto\"\xb8\x01\n\x11GetProfileRequest\x12\x14\n\nprofile_id\x18\x01 \x01(\tH\x00\x12\x37\n\nidentifier\x18\x02 \x01(\x0b\x32!.profilemesh.common.v1.IdentifierH\x00\x12\x1b\n\x13recent_events_limit\x18\x03 \x01(\r\x12-\n\tread_mask\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x08\n\x06lookup\"g\n\x12GetProfileResponse\x12\x36\n\x07profile\x18\x01 \x01(\x0b\x32%.profilemesh.common.v1.UnifiedProfile\x12\x19\n\x11unavailable_parts\x18\x02 \x03(\t\"S\n\x19ResolveIdentifiersRequest\x12\x36\n\x0bidentifiers\x18\x01 \x03(\x0b\x32!.profilemesh.common.v1.Identifier\"V\n\x1aResolveIdentifiersResponse\x12\x38\n\x0bresolutions\x18\x01 \x03(\x0b\x32#.profilemesh.identity.v1.Resolution\"\xb9\x01\n\nResolution\x12\x35\n\nidentifier\x18\x01 \x01(\x0b\x32!.profilemesh.common.v1.Identifier\x12@\n\x15normalized_identifier\x18\x02 \x01(\x0b\x32!.profilemesh.common.v1.Identifier\x12\x12\n\nprofile_id\x18\x03 \x01(\t\x12\r\n\x05\x66ound\x18\x04 \x01(\x08\x12\x0f\n\x07\x62locked\x18\x05 \x01(\x08\";\n\x14MergeProfilesRequest\x12\x13\n\x0bprofile_ids\x18\x01 \x03(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"d\n\x15MergeProfilesResponse\x12\x1c\n\x14surviving_profile_id\x18\x01 \x01(\t\x12\x1b\n\x13retired_profile_ids\x18\x02 \x03(\t\x12\x10\n\x08merge_id\x18\x03 \x01(\t\"s\n\x15UnmergeProfileRequest\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12\x36\n\x0bidentifiers\x18\x02 \x03(\x0b\x32!.profilemesh.common.v1.Identifier\x12\x0e\n\x06reason\x18\x03 \x01(\t\"I\n\x16UnmergeProfileResponse\x12\x1d\n\x15resulting_profile_ids\x18\x01 \x03(\t\x12\x10\n\x08merge_id\x18\x02 \x01(\t\"\x80\x01\n\x11ListMergesRequest\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12\x30\n\x04kind\x18\x02 \x01(\x0e\x32\".profilemesh.identity.v1.MergeKind\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"c\n\x12ListMergesResponse\x12\x34\n\x06merges\x18\x01 \x03(\x0b\x32$.profilemesh.identity.v1.MergeRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x19\n\x17GetIdentityRulesRequest\"\xb1\x01\n\x18GetIdentityRulesResponse\x12\x35\n\x05rules\x18\x01 \x01(\x0b\x32&.profilemesh.identity.v1.IdentityRules\x12>\n\x0ematching_model\x18\x02 \x01(\x0b\x32&.profilemesh.identity.v1.MatchingModel\x12\x1e\n\x16matching_model_records\x18\x03 \x01(\x04\"S\n\x1aUpdateIdentityRulesRequest\x12\x35\n\x05rules\x18\x01 \x01(\x0b\x32&.profilemesh.identity.v1.IdentityRules\"T\n\x1bUpdateIdentityRulesResponse\x12\x35\n\x05rules\x18\x01 \x01(\x0b\x32&.profilemesh.identity.v1.IdentityRules\"\xb3\x01\n\x13MatchRecordsRequest\x12\x39\n\x07records\x18\x01 \x03(\x0b\x32(.profilemesh.ingestion.v1.CustomerRecord\x12\x16\n\tthreshold\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12;\n\x08settings\x18\x03 \x01(\x0b\x32).profilemesh.identity.v1.MatchingSettingsB\x0c\n\n_threshold\"\xbe\x01\n\x14MatchRecordsResponse\x12\x38\n\x08\x63lusters\x18\x01 \x03(\x0b\x32&.profilemesh.identity.v1.RecordCluster\x12\x35\n\x07matches\x18\x02 \x03(\x0b\x32$.profilemesh.identity.v1.RecordMatch\x12\x35\n\x05model\x18\x03 \x01(\x0b\x32&.profilemesh.identity.v1.MatchingModel\"\xa6\x01\n\x14UpdateConsentRequest\x12\x14\n\nprofile_id\x18\x01 \x01(\tH\x00\x12\x37\n\nidentifier\x18\x02 \x01(\x0b\x32!.profilemesh.common.v1.IdentifierH\x00\x12\x35\n\x08\x63onsents\x18\x03 \x03(\x0b\x32#.profilemesh.common.v1.ConsentStateB\x08\n\x06target\"b\n\x15UpdateConsentResponse\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12\x35\n\x08\x63onsents\x18\x02 \x03(\x0b\x32#.profilemesh.common.v1.ConsentState\"\x99\x01\n\x14\x44\x65leteProfileRequest\x12\x14\n\nprofile_id\x18\x01 \x01(\tH\x00\x12\x37\n\nidentifier\x18\x02 \x01(\x0b\x32!.profilemesh.common.v1.IdentifierH\x00\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x18\n\x10skip_suppression\x18\x04 \x01(\x08\x42\x08\n\x06target\"J\n\x15\x44\x65leteProfileResponse\x12\x31\n\x03job\x18\x01 \x01(\x0b\x32$.profilemesh.identity.v1.DeletionJob\"$\n\x12GetDeletionRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"H\n\x13GetDeletionResponse\x12\x31\n\x03job\x18\x01 \x01(\x0b\x32$.profilemesh.identity.v1.DeletionJob\"d\n\x1aSuppressIdentifiersRequest\x12\x36\n\x0bidentifiers\x18\x01 \x03(\x0b\x32!.profilemesh.common.v1.Identifier\x12\x0e\n\x06reason\x18\x02 \x01(\t\"U\n\x1bSuppressIdentifiersResponse\x12\x36\n\x0bidentifiers\x18\x01 \x03(\x0b\x32!.profilemesh.common.v1.Identifier\"f\n\x1cUnsuppressIdentifiersRequest\x12\x36\n\x0bidentifiers\x18\x01 \x03(\x0b\x32!.profilemesh.common.v1.Identifier\x12\x0e\n\x06reason\x18\x02 \x01(\t\"6\n\x1dUnsuppressIdentifiersResponse\x12\x15\n\rremoved_count\x18\x01 \x01(\r2\x80\x0c\n\x0fIdentityService\x12\x65\n\nGetProfile\x12*.profilemesh.identity.v1.GetProfileRequest\x1a+.profilemesh.identity.v1.GetProfileResponse\x12}\n\x12ResolveIdentifiers\x12\x32.profilemesh.identity.v1.ResolveIdentifiersRequest\x1a\x33.profilemesh.identity.v1.ResolveIdentifiersResponse\x12n\n\rMergeProfiles\x12-.profilemesh.identity.v1.MergeProfilesRequest\x1a..profilemesh.identity.v1.MergeProfilesResponse\x12q\n\x0eUnmergeProfile\x12..profilemesh.identity.v1.UnmergeProfileRequest\x1a/.profilemesh.identity.v1.UnmergeProfileResponse\x12\x65\n\nListMerges\x12*.profilemesh.identity.v1.ListMergesRequest\x1a+.profilemesh.identity.v1.ListMergesResponse\x12w\n\x10GetIdentityRules\x12\x30.profilemesh.identity.v1.GetIdentityRulesRequest\x1a\x31.profilemesh.identity.v1.GetIdentityRulesResponse\x12\x80\x01\n\x13UpdateIdentityRules\x12\x33.profilemesh.identity.v1.UpdateIdentityRulesRequest\x1a\x34.profilemesh.identity.v1.UpdateIdentityRulesResponse\x12k\n\x0cMatchRecords\x12,.profilemesh.identity.v1.MatchRecordsRequest\x1a-.profilemesh.identity.v1.MatchRecordsResponse\x12n\n\rUpdateConsent\x12-.profilemesh.identity.v1.UpdateConsentRequest\x1a..profilemesh.identity.v1.UpdateConsentResponse\x12n\n\rDeleteProfile\x12-.profilemesh.identity.v1.DeleteProfileRequest\x1a..profilemesh.identity.v1.DeleteProfileResponse\x12h\n\x0bGetDeletion\x12+.profilemesh.identity.v1.GetDeletionRequest\x1a,.profilemesh.identity.v1.GetDeletionResponse\x12\x80\x01\n\x13SuppressIdentifiers\x12\x33.profilemesh.identity.v1.SuppressIdentifiersRequest\x1a\x34.profilemesh.identity.v1.SuppressIdentifiersResponse\x12\x86\x01\n\x15UnsuppressIdentifiers\x12\x35.profilemesh.identity.v1.UnsuppressIdentifiersRequest\x1a\x36.profilemesh.identity.v1.UnsuppressIdentifiersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.profilemesh/identity/v1/identity_service.proto\x12\x17profilemesh.identity.v1\x1a google/protobuf/field_mask.proto\x1a&profilemesh/common/v1/identifier.proto\x1a\x1fprofilemesh/common/v1/job.proto\x1a#profilemesh/common/v1/profile.proto\x1a&profilemesh/identity/v1/deletion.proto\x1a,profilemesh/identity/v1/identity_rules.proto\x1a&profilemesh/identity/v1/matching.proto\x1a#profilemesh/identity/v1/merge.proto\x1a%profilemesh/ingestion/v1/record.proto\"\xb8\x01\n\x11GetProfileRequest\x12\x14\n\nprofile_id\x18\x01 \x01(\tH\x00\x12\x37\n\nidentifier\x18\x02 \x01(\x0b\x32!.profilemesh.common.v1.IdentifierH\x00\x12\x1b\n\x13recent_events_limit\x18\x03 \x01(\r\x12-\n\tread_mask\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x08\n\x06lookup\"g\n\x12GetProfileResponse\x12\x36\n\x07profile\x18\x01 \x01(\x0b\x32%.profilemesh.common.v1.UnifiedProfile\x12\x19\n\x11unavailable_parts\x18\x02 \x03(\t\"S\n\x19ResolveIdentifiersRequest\x12\x36\n\x0bidentifiers\x18\x01 \x03(\x0b\x32!.profilemesh.common.v1.Identifier\"V\n\x1aResolveIdentifiersResponse\x12\x38\n\x0bresolutions\x18\x01 \x03(\x0b\x32#.profilemesh.identity.v1.Resolution\"\xb9\x01\n\nResolution\x12\x35\n\nidentifier\x18\x01 \x01(\x0b\x32!.profilemesh.common.v1.Identifier\x12@\n\x15normalized_identifier\x18\x02 \x01(\x0b\x32!.profilemesh.common.v1.Identifier\x12\x12\n\nprofile_id\x18\x03 \x01(\t\x12\r\n\x05\x66ound\x18\x04 \x01(\x08\x12\x0f\n\x07\x62locked\x18\x05 \x01(\x08\";\n\x14MergeProfilesRequest\x12\x13\n\x0bprofile_ids\x18\x01 \x03(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"d\n\x15MergeProfilesResponse\x12\x1c\n\x14surviving_profile_id\x18\x01 \x01(\t\x12\x1b\n\x13retired_profile_ids\x18\x02 \x03(\t\x12\x10\n\x08merge_id\x18\x03 \x01(\t\"s\n\x15UnmergeProfileRequest\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12\x36\n\x0bidentifiers\x18\x02 \x03(\x0b\x32!.profilemesh.common.v1.Identifier\x12\x0e\n\x06reason\x18\x03 \x01(\t\"I\n\x16UnmergeProfileResponse\x12\x1d\n\x15resulting_profile_ids\x18\x01 \x03(\t\x12\x10\n\x08merge_id\x18\x02 \x01(\t\"\x80\x01\n\x11ListMergesRequest\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12\x30\n\x04kind\x18\x02 \x01(\x0e\x32\".profilemesh.identity.v1.MergeKind\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"c\n\x12ListMergesResponse\x12\x34\n\x06merges\x18\x01 \x03(\x0b\x32$.profilemesh.identity.v1.MergeRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x19\n\x17GetIdentityRulesRequest\"\xb1\x01\n\x18GetIdentityRulesResponse\x12\x35\n\x05rules\x18\x01 \x01(\x0b\x32&.profilemesh.identity.v1.IdentityRules\x12>\n\x0ematching_model\x18\x02 \x01(\x0b\x32&.profilemesh.identity.v1.MatchingModel\x12\x1e\n\x16matching_model_records\x18\x03 \x01(\x04\"S\n\x1aUpdateIdentityRulesRequest\x12\x35\n\x05rules\x18\x01 \x01(\x0b\x32&.profilemesh.identity.v1.IdentityRules\"T\n\x1bUpdateIdentityRulesResponse\x12\x35\n\x05rules\x18\x01 \x01(\x0b\x32&.profilemesh.identity.v1.IdentityRules\"\xb3\x01\n\x13MatchRecordsRequest\x12\x39\n\x07records\x18\x01 \x03(\x0b\x32(.profilemesh.ingestion.v1.CustomerRecord\x12\x16\n\tthreshold\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12;\n\x08settings\x18\x03 \x01(\x0b\x32).profilemesh.identity.v1.MatchingSettingsB\x0c\n\n_threshold\"\xbe\x01\n\x14MatchRecordsResponse\x12\x38\n\x08\x63lusters\x18\x01 \x03(\x0b\x32&.profilemesh.identity.v1.RecordCluster\x12\x35\n\x07matches\x18\x02 \x03(\x0b\x32$.profilemesh.identity.v1.RecordMatch\x12\x35\n\x05model\x18\x03 \x01(\x0b\x32&.profilemesh.identity.v1.MatchingModel\"\xa6\x01\n\x14UpdateConsentRequest\x12\x14\n\nprofile_id\x18\x01 \x01(\tH\x00\x12\x37\n\nidentifier\x18\x02 \x01(\x0b\x32!.profilemesh.common.v1.IdentifierH\x00\x12\x35\n\x08\x63onsents\x18\x03 \x03(\x0b\x32#.profilemesh.common.v1.ConsentStateB\x08\n\x06target\"b\n\x15UpdateConsentResponse\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12\x35\n\x08\x63onsents\x18\x02 \x03(\x0b\x32#.profilemesh.common.v1.ConsentState\"\x99\x01\n\x14\x44\x65leteProfileRequest\x12\x14\n\nprofile_id\x18\x01 \x01(\tH\x00\x12\x37\n\nidentifier\x18\x02 \x01(\x0b\x32!.profilemesh.common.v1.IdentifierH\x00\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x18\n\x10skip_suppression\x18\x04 \x01(\x08\x42\x08\n\x06target\"J\n\x15\x44\x65leteProfileResponse\x12\x31\n\x03job\x18\x01 \x01(\x0b\x32$.profilemesh.identity.v1.DeletionJob\"$\n\x12GetDeletionRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"H\n\x13GetDeletionResponse\x12\x31\n\x03job\x18\x01 \x01(\x0b\x32$.profilemesh.identity.v1.DeletionJob\"d\n\x1aSuppressIdentifiersRequest\x12\x36\n\x0bidentifiers\x18\x01 \x03(\x0b\x32!.profilemesh.common.v1.Identifier\x12\x0e\n\x06reason\x18\x02 \x01(\t\"U\n\x1bSuppressIdentifiersResponse\x12\x36\n\x0bidentifiers\x18\x01 \x03(\x0b\x32!.profilemesh.common.v1.Identifier\"f\n\x1cUnsuppressIdentifiersRequest\x12\x36\n\x0bidentifiers\x18\x01 \x03(\x0b\x32!.profilemesh.common.v1.Identifier\x12\x0e\n\x06reason\x18\x02 \x01(\t\"6\n\x1dUnsuppressIdentifiersResponse\x12\x15\n\rremoved_count\x18\x01 \x01(\r\"\x7f\n\x1dReportDeletionProgressRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12.\n\x05state\x18\x03 \x01(\x0e\x32\x1f.profilemesh.common.v1.JobState\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"S\n\x1eReportDeletionProgressResponse\x12\x31\n\x03job\x18\x01 \x01(\x0b\x32$.profilemesh.identity.v1.DeletionJob2\x8c\r\n\x0fIdentityService\x12\x65\n\nGetProfile\x12*.profilemesh.identity.v1.GetProfileRequest\x1a+.profilemesh.identity.v1.GetProfileResponse\x12}\n\x12ResolveIdentifiers\x12\x32.profilemesh.identity.v1.ResolveIdentifiersRequest\x1a\x33.profilemesh.identity.v1.ResolveIdentifiersResponse\x12n\n\rMergeProfiles\x12-.profilemesh.identity.v1.MergeProfilesRequest\x1a..profilemesh.identity.v1.MergeProfilesResponse\x12q\n\x0eUnmergeProfile\x12..profilemesh.identity.v1.UnmergeProfileRequest\x1a/.profilemesh.identity.v1.UnmergeProfileResponse\x12\x65\n\nListMerges\x12*.profilemesh.identity.v1.ListMergesRequest\x1a+.profilemesh.identity.v1.ListMergesResponse\x12w\n\x10GetIdentityRules\x12\x30.profilemesh.identity.v1.GetIdentityRulesRequest\x1a\x31.profilemesh.identity.v1.GetIdentityRulesResponse\x12\x80\x01\n\x13UpdateIdentityRules\x12\x33.profilemesh.identity.v1.UpdateIdentityRulesRequest\x1a\x34.profilemesh.identity.v1.UpdateIdentityRulesResponse\x12k\n\x0cMatchRecords\x12,.profilemesh.identity.v1.MatchRecordsRequest\x1a-.profilemesh.identity.v1.MatchRecordsResponse\x12n\n\rUpdateConsent\x12-.profilemesh.identity.v1.UpdateConsentRequest\x1a..profilemesh.identity.v1.UpdateConsentResponse\x12n\n\rDeleteProfile\x12-.profilemesh.identity.v1.DeleteProfileRequest\x1a..profilemesh.identity.v1.DeleteProfileResponse\x12h\n\x0bGetDeletion\x12+.profilemesh.identity.v1.GetDeletionRequest\x1a,.profilemesh.identity.v1.GetDeletionResponse\x12\x80\x01\n\x13SuppressIdentifiers\x12\x33.profilemesh.identity.v1.SuppressIdentifiersRequest\x1a\x34.profilemesh.identity.v1.SuppressIdentifiersResponse\x12\x86\x01\n\x15UnsuppressIdentifiers\x12\x35.profilemesh.identity.v1.UnsuppressIdentifiersRequest\x1a\x36.profilemesh.identity.v1.UnsuppressIdentifiersResponse\x12\x89\x01\n\x16ReportDeletionProgress\x12\x36.profilemesh.identity.v1.ReportDeletionProgressRequest\x1a\x37.profilemesh.identity.v1.ReportDeletionProgressResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'profilemesh.identity.v1.identity_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETPROFILEREQUEST']._serialized_start=389
-  _globals['_GETPROFILEREQUEST']._serialized_end=573
-  _globals['_GETPROFILERESPONSE']._serialized_start=575
-  _globals['_GETPROFILERESPONSE']._serialized_end=678
-  _globals['_RESOLVEIDENTIFIERSREQUEST']._serialized_start=680
-  _globals['_RESOLVEIDENTIFIERSREQUEST']._serialized_end=763
-  _globals['_RESOLVEIDENTIFIERSRESPONSE']._serialized_start=765
-  _globals['_RESOLVEIDENTIFIERSRESPONSE']._serialized_end=851
-  _globals['_RESOLUTION']._serialized_start=854
-  _globals['_RESOLUTION']._serialized_end=1039
-  _globals['_MERGEPROFILESREQUEST']._serialized_start=1041
-  _globals['_MERGEPROFILESREQUEST']._serialized_end=1100
-  _globals['_MERGEPROFILESRESPONSE']._serialized_start=1102
-  _globals['_MERGEPROFILESRESPONSE']._serialized_end=1202
-  _globals['_UNMERGEPROFILEREQUEST']._serialized_start=1204
-  _globals['_UNMERGEPROFILEREQUEST']._serialized_end=1319
-  _globals['_UNMERGEPROFILERESPONSE']._serialized_start=1321
-  _globals['_UNMERGEPROFILERESPONSE']._serialized_end=1394
-  _globals['_LISTMERGESREQUEST']._serialized_start=1397
-  _globals['_LISTMERGESREQUEST']._serialized_end=1525
-  _globals['_LISTMERGESRESPONSE']._serialized_start=1527
-  _globals['_LISTMERGESRESPONSE']._serialized_end=1626
-  _globals['_GETIDENTITYRULESREQUEST']._serialized_start=1628
-  _globals['_GETIDENTITYRULESREQUEST']._serialized_end=1653
-  _globals['_GETIDENTITYRULESRESPONSE']._serialized_start=1656
-  _globals['_GETIDENTITYRULESRESPONSE']._serialized_end=1833
-  _globals['_UPDATEIDENTITYRULESREQUEST']._serialized_start=1835
-  _globals['_UPDATEIDENTITYRULESREQUEST']._serialized_end=1918
-  _globals['_UPDATEIDENTITYRULESRESPONSE']._serialized_start=1920
-  _globals['_UPDATEIDENTITYRULESRESPONSE']._serialized_end=2004
-  _globals['_MATCHRECORDSREQUEST']._serialized_start=2007
-  _globals['_MATCHRECORDSREQUEST']._serialized_end=2186
-  _globals['_MATCHRECORDSRESPONSE']._serialized_start=2189
-  _globals['_MATCHRECORDSRESPONSE']._serialized_end=2379
-  _globals['_UPDATECONSENTREQUEST']._serialized_start=2382
-  _globals['_UPDATECONSENTREQUEST']._serialized_end=2548
-  _globals['_UPDATECONSENTRESPONSE']._serialized_start=2550
-  _globals['_UPDATECONSENTRESPONSE']._serialized_end=2648
-  _globals['_DELETEPROFILEREQUEST']._serialized_start=2651
-  _globals['_DELETEPROFILEREQUEST']._serialized_end=2804
-  _globals['_DELETEPROFILERESPONSE']._serialized_start=2806
-  _globals['_DELETEPROFILERESPONSE']._serialized_end=2880
-  _globals['_GETDELETIONREQUEST']._serialized_start=2882
-  _globals['_GETDELETIONREQUEST']._serialized_end=2918
-  _globals['_GETDELETIONRESPONSE']._serialized_start=2920
-  _globals['_GETDELETIONRESPONSE']._serialized_end=2992
-  _globals['_SUPPRESSIDENTIFIERSREQUEST']._serialized_start=2994
-  _globals['_SUPPRESSIDENTIFIERSREQUEST']._serialized_end=3094
-  _globals['_SUPPRESSIDENTIFIERSRESPONSE']._serialized_start=3096
-  _globals['_SUPPRESSIDENTIFIERSRESPONSE']._serialized_end=3181
-  _globals['_UNSUPPRESSIDENTIFIERSREQUEST']._serialized_start=3183
-  _globals['_UNSUPPRESSIDENTIFIERSREQUEST']._serialized_end=3285
-  _globals['_UNSUPPRESSIDENTIFIERSRESPONSE']._serialized_start=3287
-  _globals['_UNSUPPRESSIDENTIFIERSRESPONSE']._serialized_end=3341
-  _globals['_IDENTITYSERVICE']._serialized_start=3344
-  _globals['_IDENTITYSERVICE']._serialized_end=4880
+  _globals['_GETPROFILEREQUEST']._serialized_start=422
+  _globals['_GETPROFILEREQUEST']._serialized_end=606
+  _globals['_GETPROFILERESPONSE']._serialized_start=608
+  _globals['_GETPROFILERESPONSE']._serialized_end=711
+  _globals['_RESOLVEIDENTIFIERSREQUEST']._serialized_start=713
+  _globals['_RESOLVEIDENTIFIERSREQUEST']._serialized_end=796
+  _globals['_RESOLVEIDENTIFIERSRESPONSE']._serialized_start=798
+  _globals['_RESOLVEIDENTIFIERSRESPONSE']._serialized_end=884
+  _globals['_RESOLUTION']._serialized_start=887
+  _globals['_RESOLUTION']._serialized_end=1072
+  _globals['_MERGEPROFILESREQUEST']._serialized_start=1074
+  _globals['_MERGEPROFILESREQUEST']._serialized_end=1133
+  _globals['_MERGEPROFILESRESPONSE']._serialized_start=1135
+  _globals['_MERGEPROFILESRESPONSE']._serialized_end=1235
+  _globals['_UNMERGEPROFILEREQUEST']._serialized_start=1237
+  _globals['_UNMERGEPROFILEREQUEST']._serialized_end=1352
+  _globals['_UNMERGEPROFILERESPONSE']._serialized_start=1354
+  _globals['_UNMERGEPROFILERESPONSE']._serialized_end=1427
+  _globals['_LISTMERGESREQUEST']._serialized_start=1430
+  _globals['_LISTMERGESREQUEST']._serialized_end=1558
+  _globals['_LISTMERGESRESPONSE']._serialized_start=1560
+  _globals['_LISTMERGESRESPONSE']._serialized_end=1659
+  _globals['_GETIDENTITYRULESREQUEST']._serialized_start=1661
+  _globals['_GETIDENTITYRULESREQUEST']._serialized_end=1686
+  _globals['_GETIDENTITYRULESRESPONSE']._serialized_start=1689
+  _globals['_GETIDENTITYRULESRESPONSE']._serialized_end=1866
+  _globals['_UPDATEIDENTITYRULESREQUEST']._serialized_start=1868
+  _globals['_UPDATEIDENTITYRULESREQUEST']._serialized_end=1951
+  _globals['_UPDATEIDENTITYRULESRESPONSE']._serialized_start=1953
+  _globals['_UPDATEIDENTITYRULESRESPONSE']._serialized_end=2037
+  _globals['_MATCHRECORDSREQUEST']._serialized_start=2040
+  _globals['_MATCHRECORDSREQUEST']._serialized_end=2219
+  _globals['_MATCHRECORDSRESPONSE']._serialized_start=2222
+  _globals['_MATCHRECORDSRESPONSE']._serialized_end=2412
+  _globals['_UPDATECONSENTREQUEST']._serialized_start=2415
+  _globals['_UPDATECONSENTREQUEST']._serialized_end=2581
+  _globals['_UPDATECONSENTRESPONSE']._serialized_start=2583
+  _globals['_UPDATECONSENTRESPONSE']._serialized_end=2681
+  _globals['_DELETEPROFILEREQUEST']._serialized_start=2684
+  _globals['_DELETEPROFILEREQUEST']._serialized_end=2837
+  _globals['_DELETEPROFILERESPONSE']._serialized_start=2839
+  _globals['_DELETEPROFILERESPONSE']._serialized_end=2913
+  _globals['_GETDELETIONREQUEST']._serialized_start=2915
+  _globals['_GETDELETIONREQUEST']._serialized_end=2951
+  _globals['_GETDELETIONRESPONSE']._serialized_start=2953
+  _globals['_GETDELETIONRESPONSE']._serialized_end=3025
+  _globals['_SUPPRESSIDENTIFIERSREQUEST']._serialized_start=3027
+  _globals['_SUPPRESSIDENTIFIERSREQUEST']._serialized_end=3127
+  _globals['_SUPPRESSIDENTIFIERSRESPONSE']._serialized_start=3129
+  _globals['_SUPPRESSIDENTIFIERSRESPONSE']._serialized_end=3214
+  _globals['_UNSUPPRESSIDENTIFIERSREQUEST']._serialized_start=3216
+  _globals['_UNSUPPRESSIDENTIFIERSREQUEST']._serialized_end=3318
+  _globals['_UNSUPPRESSIDENTIFIERSRESPONSE']._serialized_start=3320
+  _globals['_UNSUPPRESSIDENTIFIERSRESPONSE']._serialized_end=3374
+  _globals['_REPORTDELETIONPROGRESSREQUEST']._serialized_start=3376
+  _globals['_REPORTDELETIONPROGRESSREQUEST']._serialized_end=3503
+  _globals['_REPORTDELETIONPROGRESSRESPONSE']._serialized_start=3505
+  _globals['_REPORTDELETIONPROGRESSRESPONSE']._serialized_end=3588
+  _globals['_IDENTITYSERVICE']._serialized_start=3591
+  _globals['_IDENTITYSERVICE']._serialized_end=5267
 # @@protoc_insertion_point(module_scope)

@@ -9,6 +9,7 @@ from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from profilemesh.common.v1 import identifier_pb2 as _identifier_pb2
+from profilemesh.common.v1 import job_pb2 as _job_pb2
 from profilemesh.common.v1 import profile_pb2 as _profile_pb2
 from profilemesh.identity.v1 import deletion_pb2 as _deletion_pb2
 from profilemesh.identity.v1 import identity_rules_pb2 as _identity_rules_pb2
@@ -834,3 +835,61 @@ class UnsuppressIdentifiersResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UnsuppressIdentifiersResponse: _TypeAlias = UnsuppressIdentifiersResponse  # noqa: Y015
+
+@_typing.final
+class ReportDeletionProgressRequest(_message.Message):
+    """Request of IdentityService.ReportDeletionProgress."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    SERVICE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """Id of the deletion job (from ProfileDeleted or a removal entry)."""
+    service: _builtins.str
+    """The reporting service, e.g. "features"."""
+    state: _job_pb2.JobState.ValueType
+    """SUCCEEDED when the service removed every trace of the person, FAILED otherwise."""
+    error: _builtins.str
+    """What went wrong when FAILED; empty otherwise."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        service: _builtins.str = ...,
+        state: _job_pb2.JobState.ValueType = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "job_id", b"job_id", "service", b"service", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportDeletionProgressRequest: _TypeAlias = ReportDeletionProgressRequest  # noqa: Y015
+
+@_typing.final
+class ReportDeletionProgressResponse(_message.Message):
+    """Response of IdentityService.ReportDeletionProgress."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> _deletion_pb2.DeletionJob:
+        """The job after the report."""
+
+    def __init__(
+        self,
+        *,
+        job: _deletion_pb2.DeletionJob | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportDeletionProgressResponse: _TypeAlias = ReportDeletionProgressResponse  # noqa: Y015

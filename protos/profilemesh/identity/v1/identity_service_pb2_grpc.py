@@ -101,6 +101,11 @@ class IdentityServiceStub:
                 request_serializer=profilemesh_dot_identity_dot_v1_dot_identity__service__pb2.UnsuppressIdentifiersRequest.SerializeToString,
                 response_deserializer=profilemesh_dot_identity_dot_v1_dot_identity__service__pb2.UnsuppressIdentifiersResponse.FromString,
                 _registered_method=True)
+        self.ReportDeletionProgress = channel.unary_unary(
+                '/profilemesh.identity.v1.IdentityService/ReportDeletionProgress',
+                request_serializer=profilemesh_dot_identity_dot_v1_dot_identity__service__pb2.ReportDeletionProgressRequest.SerializeToString,
+                response_deserializer=profilemesh_dot_identity_dot_v1_dot_identity__service__pb2.ReportDeletionProgressResponse.FromString,
+                _registered_method=True)
 
 
 class IdentityServiceServicer:
@@ -210,6 +215,14 @@ class IdentityServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportDeletionProgress(self, request, context):
+        """Called by the downstream services (features, scoring, activation) once a deletion is
+        committed in their stores; the job succeeds when every service has reported. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IdentityServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -277,6 +290,11 @@ def add_IdentityServiceServicer_to_server(servicer, server):
                     servicer.UnsuppressIdentifiers,
                     request_deserializer=profilemesh_dot_identity_dot_v1_dot_identity__service__pb2.UnsuppressIdentifiersRequest.FromString,
                     response_serializer=profilemesh_dot_identity_dot_v1_dot_identity__service__pb2.UnsuppressIdentifiersResponse.SerializeToString,
+            ),
+            'ReportDeletionProgress': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportDeletionProgress,
+                    request_deserializer=profilemesh_dot_identity_dot_v1_dot_identity__service__pb2.ReportDeletionProgressRequest.FromString,
+                    response_serializer=profilemesh_dot_identity_dot_v1_dot_identity__service__pb2.ReportDeletionProgressResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -632,6 +650,33 @@ class IdentityService:
             '/profilemesh.identity.v1.IdentityService/UnsuppressIdentifiers',
             profilemesh_dot_identity_dot_v1_dot_identity__service__pb2.UnsuppressIdentifiersRequest.SerializeToString,
             profilemesh_dot_identity_dot_v1_dot_identity__service__pb2.UnsuppressIdentifiersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportDeletionProgress(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/profilemesh.identity.v1.IdentityService/ReportDeletionProgress',
+            profilemesh_dot_identity_dot_v1_dot_identity__service__pb2.ReportDeletionProgressRequest.SerializeToString,
+            profilemesh_dot_identity_dot_v1_dot_identity__service__pb2.ReportDeletionProgressResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -81,6 +81,10 @@ class IdentityServiceStub:
     """
     UnsuppressIdentifiers: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.UnsuppressIdentifiersRequest, _identity_service_pb2.UnsuppressIdentifiersResponse]
     """Removes identifiers from the suppression list, e.g. when a deleted person signs up again."""
+    ReportDeletionProgress: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.ReportDeletionProgressRequest, _identity_service_pb2.ReportDeletionProgressResponse]
+    """Called by the downstream services (features, scoring, activation) once a deletion is
+    committed in their stores; the job succeeds when every service has reported. Idempotent.
+    """
 
 @_typing.type_check_only
 class IdentityServiceAsyncStub(IdentityServiceStub):
@@ -135,6 +139,10 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
     """
     UnsuppressIdentifiers: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.UnsuppressIdentifiersRequest, _identity_service_pb2.UnsuppressIdentifiersResponse]  # type: ignore[assignment]
     """Removes identifiers from the suppression list, e.g. when a deleted person signs up again."""
+    ReportDeletionProgress: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.ReportDeletionProgressRequest, _identity_service_pb2.ReportDeletionProgressResponse]  # type: ignore[assignment]
+    """Called by the downstream services (features, scoring, activation) once a deletion is
+    committed in their stores; the job succeeds when every service has reported. Idempotent.
+    """
 
 class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
     """One profile per person: resolves identifiers to profiles, merges and splits profiles, keeps
@@ -264,5 +272,15 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_identity_service_pb2.UnsuppressIdentifiersResponse, _abc.Awaitable[_identity_service_pb2.UnsuppressIdentifiersResponse]]:
         """Removes identifiers from the suppression list, e.g. when a deleted person signs up again."""
+
+    @_abc_1.abstractmethod
+    def ReportDeletionProgress(
+        self,
+        request: _identity_service_pb2.ReportDeletionProgressRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_identity_service_pb2.ReportDeletionProgressResponse, _abc.Awaitable[_identity_service_pb2.ReportDeletionProgressResponse]]:
+        """Called by the downstream services (features, scoring, activation) once a deletion is
+        committed in their stores; the job succeeds when every service has reported. Idempotent.
+        """
 
 def add_IdentityServiceServicer_to_server(servicer: IdentityServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

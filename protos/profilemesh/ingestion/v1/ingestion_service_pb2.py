@@ -24,6 +24,7 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
+from profilemesh.common.v1 import identifier_pb2 as profilemesh_dot_common_dot_v1_dot_identifier__pb2
 from profilemesh.ingestion.v1 import event_pb2 as profilemesh_dot_ingestion_dot_v1_dot_event__pb2
 from profilemesh.ingestion.v1 import record_pb2 as profilemesh_dot_ingestion_dot_v1_dot_record__pb2
 from profilemesh.ingestion.v1 import result_pb2 as profilemesh_dot_ingestion_dot_v1_dot_result__pb2
@@ -31,71 +32,87 @@ from profilemesh.ingestion.v1 import source_run_pb2 as profilemesh_dot_ingestion
 from profilemesh.ingestion.v1 import tracking_plan_pb2 as profilemesh_dot_ingestion_dot_v1_dot_tracking__plan__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n0profilemesh/ingestion/v1/ingestion_service.proto\x12\x18profilemesh.ingestion.v1\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a$profilemesh/ingestion/v1/event.proto\x1a%profilemesh/ingestion/v1/record.proto\x1a%profilemesh/ingestion/v1/result.proto\x1a)profilemesh/ingestion/v1/source_run.proto\x1a,profilemesh/ingestion/v1/tracking_plan.proto\"i\n\x10SendEventRequest\x12.\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1f.profilemesh.ingestion.v1.Event\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"J\n\x11SendEventResponse\x12\x35\n\x06result\x18\x01 \x01(\x0b\x32%.profilemesh.ingestion.v1.EventResult\"k\n\x11SendEventsRequest\x12/\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1f.profilemesh.ingestion.v1.Event\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"\xac\x01\n\x12SendEventsResponse\x12\x36\n\x07results\x18\x01 \x03(\x0b\x32%.profilemesh.ingestion.v1.EventResult\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x02 \x01(\r\x12\x17\n\x0f\x64uplicate_count\x18\x03 \x01(\r\x12\x16\n\x0erejected_count\x18\x04 \x01(\r\x12\x15\n\rflagged_count\x18\x05 \x01(\r\"V\n\x13StreamEventsRequest\x12/\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1f.profilemesh.ingestion.v1.Event\x12\x0e\n\x06source\x18\x02 \x01(\t\"\xaf\x01\n\x14StreamEventsResponse\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x01 \x01(\x04\x12\x17\n\x0f\x64uplicate_count\x18\x02 \x01(\x04\x12\x16\n\x0erejected_count\x18\x03 \x01(\x04\x12\x15\n\rflagged_count\x18\x04 \x01(\x04\x12\x37\n\x08rejected\x18\x05 \x03(\x0b\x32%.profilemesh.ingestion.v1.EventResult\"h\n\x14ImportRecordsRequest\x12\x39\n\x07records\x18\x01 \x03(\x0b\x32(.profilemesh.ingestion.v1.CustomerRecord\x12\x15\n\rvalidate_only\x18\x02 \x01(\x08\"\x99\x01\n\x15ImportRecordsResponse\x12\x37\n\x07results\x18\x01 \x03(\x0b\x32&.profilemesh.ingestion.v1.RecordResult\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x02 \x01(\r\x12\x17\n\x0f\x64uplicate_count\x18\x03 \x01(\r\x12\x16\n\x0erejected_count\x18\x04 \x01(\r\"Z\n\x19\x43reateTrackingPlanRequest\x12=\n\rtracking_plan\x18\x01 \x01(\x0b\x32&.profilemesh.ingestion.v1.TrackingPlan\"[\n\x1a\x43reateTrackingPlanResponse\x12=\n\rtracking_plan\x18\x01 \x01(\x0b\x32&.profilemesh.ingestion.v1.TrackingPlan\"&\n\x16GetTrackingPlanRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"X\n\x17GetTrackingPlanResponse\x12=\n\rtracking_plan\x18\x01 \x01(\x0b\x32&.profilemesh.ingestion.v1.TrackingPlan\"A\n\x18ListTrackingPlansRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"t\n\x19ListTrackingPlansResponse\x12>\n\x0etracking_plans\x18\x01 \x03(\x0b\x32&.profilemesh.ingestion.v1.TrackingPlan\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x8b\x01\n\x19UpdateTrackingPlanRequest\x12=\n\rtracking_plan\x18\x01 \x01(\x0b\x32&.profilemesh.ingestion.v1.TrackingPlan\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"[\n\x1aUpdateTrackingPlanResponse\x12=\n\rtracking_plan\x18\x01 \x01(\x0b\x32&.profilemesh.ingestion.v1.TrackingPlan\")\n\x19\x44\x65leteTrackingPlanRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1c\n\x1a\x44\x65leteTrackingPlanResponse\"\x17\n\x15ListConnectorsRequest\"Q\n\x16ListConnectorsResponse\x12\x37\n\nconnectors\x18\x01 \x03(\x0b\x32#.profilemesh.ingestion.v1.Connector\"o\n\tConnector\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12.\n\rconfig_schema\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\"y\n\x15StartSourceRunRequest\x12\x11\n\tconnector\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\'\n\x06\x63onfig\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x14\n\x0c\x66ull_refresh\x18\x04 \x01(\x08\"J\n\x16StartSourceRunResponse\x12\x30\n\x03run\x18\x01 \x01(\x0b\x32#.profilemesh.ingestion.v1.SourceRun\"%\n\x13GetSourceRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"H\n\x14GetSourceRunResponse\x12\x30\n\x03run\x18\x01 \x01(\x0b\x32#.profilemesh.ingestion.v1.SourceRun\"a\n\x15ListSourceRunsRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x11\n\tconnector\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"d\n\x16ListSourceRunsResponse\x12\x31\n\x04runs\x18\x01 \x03(\x0b\x32#.profilemesh.ingestion.v1.SourceRun\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x16\x43\x61ncelSourceRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"K\n\x17\x43\x61ncelSourceRunResponse\x12\x30\n\x03run\x18\x01 \x01(\x0b\x32#.profilemesh.ingestion.v1.SourceRun2\x83\r\n\x10IngestionService\x12\x64\n\tSendEvent\x12*.profilemesh.ingestion.v1.SendEventRequest\x1a+.profilemesh.ingestion.v1.SendEventResponse\x12g\n\nSendEvents\x12+.profilemesh.ingestion.v1.SendEventsRequest\x1a,.profilemesh.ingestion.v1.SendEventsResponse\x12o\n\x0cStreamEvents\x12-.profilemesh.ingestion.v1.StreamEventsRequest\x1a..profilemesh.ingestion.v1.StreamEventsResponse(\x01\x12p\n\rImportRecords\x12..profilemesh.ingestion.v1.ImportRecordsRequest\x1a/.profilemesh.ingestion.v1.ImportRecordsResponse\x12\x7f\n\x12\x43reateTrackingPlan\x12\x33.profilemesh.ingestion.v1.CreateTrackingPlanRequest\x1a\x34.profilemesh.ingestion.v1.CreateTrackingPlanResponse\x12v\n\x0fGetTrackingPlan\x12\x30.profilemesh.ingestion.v1.GetTrackingPlanRequest\x1a\x31.profilemesh.ingestion.v1.GetTrackingPlanResponse\x12|\n\x11ListTrackingPlans\x12\x32.profilemesh.ingestion.v1.ListTrackingPlansRequest\x1a\x33.profilemesh.ingestion.v1.ListTrackingPlansResponse\x12\x7f\n\x12UpdateTrackingPlan\x12\x33.profilemesh.ingestion.v1.UpdateTrackingPlanRequest\x1a\x34.profilemesh.ingestion.v1.UpdateTrackingPlanResponse\x12\x7f\n\x12\x44\x65leteTrackingPlan\x12\x33.profilemesh.ingestion.v1.DeleteTrackingPlanRequest\x1a\x34.profilemesh.ingestion.v1.DeleteTrackingPlanResponse\x12s\n\x0eListConnectors\x12/.profilemesh.ingestion.v1.ListConnectorsRequest\x1a\x30.profilemesh.ingestion.v1.ListConnectorsResponse\x12s\n\x0eStartSourceRun\x12/.profilemesh.ingestion.v1.StartSourceRunRequest\x1a\x30.profilemesh.ingestion.v1.StartSourceRunResponse\x12m\n\x0cGetSourceRun\x12-.profilemesh.ingestion.v1.GetSourceRunRequest\x1a..profilemesh.ingestion.v1.GetSourceRunResponse\x12s\n\x0eListSourceRuns\x12/.profilemesh.ingestion.v1.ListSourceRunsRequest\x1a\x30.profilemesh.ingestion.v1.ListSourceRunsResponse\x12v\n\x0f\x43\x61ncelSourceRun\x12\x30.profilemesh.ingestion.v1.CancelSourceRunRequest\x1a\x31.profilemesh.ingestion.v1.CancelSourceRunResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n0profilemesh/ingestion/v1/ingestion_service.proto\x12\x18profilemesh.ingestion.v1\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a&profilemesh/common/v1/identifier.proto\x1a$profilemesh/ingestion/v1/event.proto\x1a%profilemesh/ingestion/v1/record.proto\x1a%profilemesh/ingestion/v1/result.proto\x1a)profilemesh/ingestion/v1/source_run.proto\x1a,profilemesh/ingestion/v1/tracking_plan.proto\"i\n\x10SendEventRequest\x12.\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1f.profilemesh.ingestion.v1.Event\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"J\n\x11SendEventResponse\x12\x35\n\x06result\x18\x01 \x01(\x0b\x32%.profilemesh.ingestion.v1.EventResult\"k\n\x11SendEventsRequest\x12/\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1f.profilemesh.ingestion.v1.Event\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"\xac\x01\n\x12SendEventsResponse\x12\x36\n\x07results\x18\x01 \x03(\x0b\x32%.profilemesh.ingestion.v1.EventResult\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x02 \x01(\r\x12\x17\n\x0f\x64uplicate_count\x18\x03 \x01(\r\x12\x16\n\x0erejected_count\x18\x04 \x01(\r\x12\x15\n\rflagged_count\x18\x05 \x01(\r\"V\n\x13StreamEventsRequest\x12/\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1f.profilemesh.ingestion.v1.Event\x12\x0e\n\x06source\x18\x02 \x01(\t\"\xaf\x01\n\x14StreamEventsResponse\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x01 \x01(\x04\x12\x17\n\x0f\x64uplicate_count\x18\x02 \x01(\x04\x12\x16\n\x0erejected_count\x18\x03 \x01(\x04\x12\x15\n\rflagged_count\x18\x04 \x01(\x04\x12\x37\n\x08rejected\x18\x05 \x03(\x0b\x32%.profilemesh.ingestion.v1.EventResult\"h\n\x14ImportRecordsRequest\x12\x39\n\x07records\x18\x01 \x03(\x0b\x32(.profilemesh.ingestion.v1.CustomerRecord\x12\x15\n\rvalidate_only\x18\x02 \x01(\x08\"\x99\x01\n\x15ImportRecordsResponse\x12\x37\n\x07results\x18\x01 \x03(\x0b\x32&.profilemesh.ingestion.v1.RecordResult\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x02 \x01(\r\x12\x17\n\x0f\x64uplicate_count\x18\x03 \x01(\r\x12\x16\n\x0erejected_count\x18\x04 \x01(\r\"Z\n\x19\x43reateTrackingPlanRequest\x12=\n\rtracking_plan\x18\x01 \x01(\x0b\x32&.profilemesh.ingestion.v1.TrackingPlan\"[\n\x1a\x43reateTrackingPlanResponse\x12=\n\rtracking_plan\x18\x01 \x01(\x0b\x32&.profilemesh.ingestion.v1.TrackingPlan\"&\n\x16GetTrackingPlanRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"X\n\x17GetTrackingPlanResponse\x12=\n\rtracking_plan\x18\x01 \x01(\x0b\x32&.profilemesh.ingestion.v1.TrackingPlan\"A\n\x18ListTrackingPlansRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"t\n\x19ListTrackingPlansResponse\x12>\n\x0etracking_plans\x18\x01 \x03(\x0b\x32&.profilemesh.ingestion.v1.TrackingPlan\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x8b\x01\n\x19UpdateTrackingPlanRequest\x12=\n\rtracking_plan\x18\x01 \x01(\x0b\x32&.profilemesh.ingestion.v1.TrackingPlan\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"[\n\x1aUpdateTrackingPlanResponse\x12=\n\rtracking_plan\x18\x01 \x01(\x0b\x32&.profilemesh.ingestion.v1.TrackingPlan\")\n\x19\x44\x65leteTrackingPlanRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1c\n\x1a\x44\x65leteTrackingPlanResponse\"\x17\n\x15ListConnectorsRequest\"Q\n\x16ListConnectorsResponse\x12\x37\n\nconnectors\x18\x01 \x03(\x0b\x32#.profilemesh.ingestion.v1.Connector\"o\n\tConnector\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12.\n\rconfig_schema\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\"y\n\x15StartSourceRunRequest\x12\x11\n\tconnector\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\'\n\x06\x63onfig\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x14\n\x0c\x66ull_refresh\x18\x04 \x01(\x08\"J\n\x16StartSourceRunResponse\x12\x30\n\x03run\x18\x01 \x01(\x0b\x32#.profilemesh.ingestion.v1.SourceRun\"%\n\x13GetSourceRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"H\n\x14GetSourceRunResponse\x12\x30\n\x03run\x18\x01 \x01(\x0b\x32#.profilemesh.ingestion.v1.SourceRun\"a\n\x15ListSourceRunsRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x11\n\tconnector\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"d\n\x16ListSourceRunsResponse\x12\x31\n\x04runs\x18\x01 \x03(\x0b\x32#.profilemesh.ingestion.v1.SourceRun\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x16\x43\x61ncelSourceRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"K\n\x17\x43\x61ncelSourceRunResponse\x12\x30\n\x03run\x18\x01 \x01(\x0b\x32#.profilemesh.ingestion.v1.SourceRun\"d\n\x1aSuppressIdentifiersRequest\x12\x36\n\x0bidentifiers\x18\x01 \x03(\x0b\x32!.profilemesh.common.v1.Identifier\x12\x0e\n\x06reason\x18\x02 \x01(\t\"2\n\x1bSuppressIdentifiersResponse\x12\x13\n\x0b\x61\x64\x64\x65\x64_count\x18\x01 \x01(\r\"V\n\x1cUnsuppressIdentifiersRequest\x12\x36\n\x0bidentifiers\x18\x01 \x03(\x0b\x32!.profilemesh.common.v1.Identifier\"6\n\x1dUnsuppressIdentifiersResponse\x12\x15\n\rremoved_count\x18\x01 \x01(\r\"a\n\x17PurgeIdentifiersRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x36\n\x0bidentifiers\x18\x02 \x03(\x0b\x32!.profilemesh.common.v1.Identifier\"S\n\x18PurgeIdentifiersResponse\x12\x14\n\x0cpurged_count\x18\x01 \x01(\x04\x12!\n\x19scrubbed_source_run_count\x18\x02 \x01(\r\"\x1c\n\x1aGetSuppressionStatsRequest\"N\n\x1bGetSuppressionStatsResponse\x12\x18\n\x10suppressed_count\x18\x01 \x01(\x04\x12\x15\n\rdropped_count\x18\x02 \x01(\x04\x32\x93\x11\n\x10IngestionService\x12\x64\n\tSendEvent\x12*.profilemesh.ingestion.v1.SendEventRequest\x1a+.profilemesh.ingestion.v1.SendEventResponse\x12g\n\nSendEvents\x12+.profilemesh.ingestion.v1.SendEventsRequest\x1a,.profilemesh.ingestion.v1.SendEventsResponse\x12o\n\x0cStreamEvents\x12-.profilemesh.ingestion.v1.StreamEventsRequest\x1a..profilemesh.ingestion.v1.StreamEventsResponse(\x01\x12p\n\rImportRecords\x12..profilemesh.ingestion.v1.ImportRecordsRequest\x1a/.profilemesh.ingestion.v1.ImportRecordsResponse\x12\x7f\n\x12\x43reateTrackingPlan\x12\x33.profilemesh.ingestion.v1.CreateTrackingPlanRequest\x1a\x34.profilemesh.ingestion.v1.CreateTrackingPlanResponse\x12v\n\x0fGetTrackingPlan\x12\x30.profilemesh.ingestion.v1.GetTrackingPlanRequest\x1a\x31.profilemesh.ingestion.v1.GetTrackingPlanResponse\x12|\n\x11ListTrackingPlans\x12\x32.profilemesh.ingestion.v1.ListTrackingPlansRequest\x1a\x33.profilemesh.ingestion.v1.ListTrackingPlansResponse\x12\x7f\n\x12UpdateTrackingPlan\x12\x33.profilemesh.ingestion.v1.UpdateTrackingPlanRequest\x1a\x34.profilemesh.ingestion.v1.UpdateTrackingPlanResponse\x12\x7f\n\x12\x44\x65leteTrackingPlan\x12\x33.profilemesh.ingestion.v1.DeleteTrackingPlanRequest\x1a\x34.profilemesh.ingestion.v1.DeleteTrackingPlanResponse\x12s\n\x0eListConnectors\x12/.profilemesh.ingestion.v1.ListConnectorsRequest\x1a\x30.profilemesh.ingestion.v1.ListConnectorsResponse\x12s\n\x0eStartSourceRun\x12/.profilemesh.ingestion.v1.StartSourceRunRequest\x1a\x30.profilemesh.ingestion.v1.StartSourceRunResponse\x12m\n\x0cGetSourceRun\x12-.profilemesh.ingestion.v1.GetSourceRunRequest\x1a..profilemesh.ingestion.v1.GetSourceRunResponse\x12s\n\x0eListSourceRuns\x12/.profilemesh.ingestion.v1.ListSourceRunsRequest\x1a\x30.profilemesh.ingestion.v1.ListSourceRunsResponse\x12v\n\x0f\x43\x61ncelSourceRun\x12\x30.profilemesh.ingestion.v1.CancelSourceRunRequest\x1a\x31.profilemesh.ingestion.v1.CancelSourceRunResponse\x12\x82\x01\n\x13SuppressIdentifiers\x12\x34.profilemesh.ingestion.v1.SuppressIdentifiersRequest\x1a\x35.profilemesh.ingestion.v1.SuppressIdentifiersResponse\x12\x88\x01\n\x15UnsuppressIdentifiers\x12\x36.profilemesh.ingestion.v1.UnsuppressIdentifiersRequest\x1a\x37.profilemesh.ingestion.v1.UnsuppressIdentifiersResponse\x12y\n\x10PurgeIdentifiers\x12\x31.profilemesh.ingestion.v1.PurgeIdentifiersRequest\x1a\x32.profilemesh.ingestion.v1.PurgeIdentifiersResponse\x12\x82\x01\n\x13GetSuppressionStats\x12\x34.profilemesh.ingestion.v1.GetSuppressionStatsRequest\x1a\x35.profilemesh.ingestion.v1.GetSuppressionStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'profilemesh.ingestion.v1.ingestion_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SENDEVENTREQUEST']._serialized_start=347
-  _globals['_SENDEVENTREQUEST']._serialized_end=452
-  _globals['_SENDEVENTRESPONSE']._serialized_start=454
-  _globals['_SENDEVENTRESPONSE']._serialized_end=528
-  _globals['_SENDEVENTSREQUEST']._serialized_start=530
-  _globals['_SENDEVENTSREQUEST']._serialized_end=637
-  _globals['_SENDEVENTSRESPONSE']._serialized_start=640
-  _globals['_SENDEVENTSRESPONSE']._serialized_end=812
-  _globals['_STREAMEVENTSREQUEST']._serialized_start=814
-  _globals['_STREAMEVENTSREQUEST']._serialized_end=900
-  _globals['_STREAMEVENTSRESPONSE']._serialized_start=903
-  _globals['_STREAMEVENTSRESPONSE']._serialized_end=1078
-  _globals['_IMPORTRECORDSREQUEST']._serialized_start=1080
-  _globals['_IMPORTRECORDSREQUEST']._serialized_end=1184
-  _globals['_IMPORTRECORDSRESPONSE']._serialized_start=1187
-  _globals['_IMPORTRECORDSRESPONSE']._serialized_end=1340
-  _globals['_CREATETRACKINGPLANREQUEST']._serialized_start=1342
-  _globals['_CREATETRACKINGPLANREQUEST']._serialized_end=1432
-  _globals['_CREATETRACKINGPLANRESPONSE']._serialized_start=1434
-  _globals['_CREATETRACKINGPLANRESPONSE']._serialized_end=1525
-  _globals['_GETTRACKINGPLANREQUEST']._serialized_start=1527
-  _globals['_GETTRACKINGPLANREQUEST']._serialized_end=1565
-  _globals['_GETTRACKINGPLANRESPONSE']._serialized_start=1567
-  _globals['_GETTRACKINGPLANRESPONSE']._serialized_end=1655
-  _globals['_LISTTRACKINGPLANSREQUEST']._serialized_start=1657
-  _globals['_LISTTRACKINGPLANSREQUEST']._serialized_end=1722
-  _globals['_LISTTRACKINGPLANSRESPONSE']._serialized_start=1724
-  _globals['_LISTTRACKINGPLANSRESPONSE']._serialized_end=1840
-  _globals['_UPDATETRACKINGPLANREQUEST']._serialized_start=1843
-  _globals['_UPDATETRACKINGPLANREQUEST']._serialized_end=1982
-  _globals['_UPDATETRACKINGPLANRESPONSE']._serialized_start=1984
-  _globals['_UPDATETRACKINGPLANRESPONSE']._serialized_end=2075
-  _globals['_DELETETRACKINGPLANREQUEST']._serialized_start=2077
-  _globals['_DELETETRACKINGPLANREQUEST']._serialized_end=2118
-  _globals['_DELETETRACKINGPLANRESPONSE']._serialized_start=2120
-  _globals['_DELETETRACKINGPLANRESPONSE']._serialized_end=2148
-  _globals['_LISTCONNECTORSREQUEST']._serialized_start=2150
-  _globals['_LISTCONNECTORSREQUEST']._serialized_end=2173
-  _globals['_LISTCONNECTORSRESPONSE']._serialized_start=2175
-  _globals['_LISTCONNECTORSRESPONSE']._serialized_end=2256
-  _globals['_CONNECTOR']._serialized_start=2258
-  _globals['_CONNECTOR']._serialized_end=2369
-  _globals['_STARTSOURCERUNREQUEST']._serialized_start=2371
-  _globals['_STARTSOURCERUNREQUEST']._serialized_end=2492
-  _globals['_STARTSOURCERUNRESPONSE']._serialized_start=2494
-  _globals['_STARTSOURCERUNRESPONSE']._serialized_end=2568
-  _globals['_GETSOURCERUNREQUEST']._serialized_start=2570
-  _globals['_GETSOURCERUNREQUEST']._serialized_end=2607
-  _globals['_GETSOURCERUNRESPONSE']._serialized_start=2609
-  _globals['_GETSOURCERUNRESPONSE']._serialized_end=2681
-  _globals['_LISTSOURCERUNSREQUEST']._serialized_start=2683
-  _globals['_LISTSOURCERUNSREQUEST']._serialized_end=2780
-  _globals['_LISTSOURCERUNSRESPONSE']._serialized_start=2782
-  _globals['_LISTSOURCERUNSRESPONSE']._serialized_end=2882
-  _globals['_CANCELSOURCERUNREQUEST']._serialized_start=2884
-  _globals['_CANCELSOURCERUNREQUEST']._serialized_end=2924
-  _globals['_CANCELSOURCERUNRESPONSE']._serialized_start=2926
-  _globals['_CANCELSOURCERUNRESPONSE']._serialized_end=3001
-  _globals['_INGESTIONSERVICE']._serialized_start=3004
-  _globals['_INGESTIONSERVICE']._serialized_end=4671
+  _globals['_SENDEVENTREQUEST']._serialized_start=387
+  _globals['_SENDEVENTREQUEST']._serialized_end=492
+  _globals['_SENDEVENTRESPONSE']._serialized_start=494
+  _globals['_SENDEVENTRESPONSE']._serialized_end=568
+  _globals['_SENDEVENTSREQUEST']._serialized_start=570
+  _globals['_SENDEVENTSREQUEST']._serialized_end=677
+  _globals['_SENDEVENTSRESPONSE']._serialized_start=680
+  _globals['_SENDEVENTSRESPONSE']._serialized_end=852
+  _globals['_STREAMEVENTSREQUEST']._serialized_start=854
+  _globals['_STREAMEVENTSREQUEST']._serialized_end=940
+  _globals['_STREAMEVENTSRESPONSE']._serialized_start=943
+  _globals['_STREAMEVENTSRESPONSE']._serialized_end=1118
+  _globals['_IMPORTRECORDSREQUEST']._serialized_start=1120
+  _globals['_IMPORTRECORDSREQUEST']._serialized_end=1224
+  _globals['_IMPORTRECORDSRESPONSE']._serialized_start=1227
+  _globals['_IMPORTRECORDSRESPONSE']._serialized_end=1380
+  _globals['_CREATETRACKINGPLANREQUEST']._serialized_start=1382
+  _globals['_CREATETRACKINGPLANREQUEST']._serialized_end=1472
+  _globals['_CREATETRACKINGPLANRESPONSE']._serialized_start=1474
+  _globals['_CREATETRACKINGPLANRESPONSE']._serialized_end=1565
+  _globals['_GETTRACKINGPLANREQUEST']._serialized_start=1567
+  _globals['_GETTRACKINGPLANREQUEST']._serialized_end=1605
+  _globals['_GETTRACKINGPLANRESPONSE']._serialized_start=1607
+  _globals['_GETTRACKINGPLANRESPONSE']._serialized_end=1695
+  _globals['_LISTTRACKINGPLANSREQUEST']._serialized_start=1697
+  _globals['_LISTTRACKINGPLANSREQUEST']._serialized_end=1762
+  _globals['_LISTTRACKINGPLANSRESPONSE']._serialized_start=1764
+  _globals['_LISTTRACKINGPLANSRESPONSE']._serialized_end=1880
+  _globals['_UPDATETRACKINGPLANREQUEST']._serialized_start=1883
+  _globals['_UPDATETRACKINGPLANREQUEST']._serialized_end=2022
+  _globals['_UPDATETRACKINGPLANRESPONSE']._serialized_start=2024
+  _globals['_UPDATETRACKINGPLANRESPONSE']._serialized_end=2115
+  _globals['_DELETETRACKINGPLANREQUEST']._serialized_start=2117
+  _globals['_DELETETRACKINGPLANREQUEST']._serialized_end=2158
+  _globals['_DELETETRACKINGPLANRESPONSE']._serialized_start=2160
+  _globals['_DELETETRACKINGPLANRESPONSE']._serialized_end=2188
+  _globals['_LISTCONNECTORSREQUEST']._serialized_start=2190
+  _globals['_LISTCONNECTORSREQUEST']._serialized_end=2213
+  _globals['_LISTCONNECTORSRESPONSE']._serialized_start=2215
+  _globals['_LISTCONNECTORSRESPONSE']._serialized_end=2296
+  _globals['_CONNECTOR']._serialized_start=2298
+  _globals['_CONNECTOR']._serialized_end=2409
+  _globals['_STARTSOURCERUNREQUEST']._serialized_start=2411
+  _globals['_STARTSOURCERUNREQUEST']._serialized_end=2532
+  _globals['_STARTSOURCERUNRESPONSE']._serialized_start=2534
+  _globals['_STARTSOURCERUNRESPONSE']._serialized_end=2608
+  _globals['_GETSOURCERUNREQUEST']._serialized_start=2610
+  _globals['_GETSOURCERUNREQUEST']._serialized_end=2647
+  _globals['_GETSOURCERUNRESPONSE']._serialized_start=2649
+  _globals['_GETSOURCERUNRESPONSE']._serialized_end=2721
+  _globals['_LISTSOURCERUNSREQUEST']._serialized_start=2723
+  _globals['_LISTSOURCERUNSREQUEST']._serialized_end=2820
+  _globals['_LISTSOURCERUNSRESPONSE']._serialized_start=2822
+  _globals['_LISTSOURCERUNSRESPONSE']._serialized_end=2922
+  _globals['_CANCELSOURCERUNREQUEST']._serialized_start=2924
+  _globals['_CANCELSOURCERUNREQUEST']._serialized_end=2964
+  _globals['_CANCELSOURCERUNRESPONSE']._serialized_start=2966
+  _globals['_CANCELSOURCERUNRESPONSE']._serialized_end=3041
+  _globals['_SUPPRESSIDENTIFIERSREQUEST']._serialized_start=3043
+  _globals['_SUPPRESSIDENTIFIERSREQUEST']._serialized_end=3143
+  _globals['_SUPPRESSIDENTIFIERSRESPONSE']._serialized_start=3145
+  _globals['_SUPPRESSIDENTIFIERSRESPONSE']._serialized_end=3195
+  _globals['_UNSUPPRESSIDENTIFIERSREQUEST']._serialized_start=3197
+  _globals['_UNSUPPRESSIDENTIFIERSREQUEST']._serialized_end=3283
+  _globals['_UNSUPPRESSIDENTIFIERSRESPONSE']._serialized_start=3285
+  _globals['_UNSUPPRESSIDENTIFIERSRESPONSE']._serialized_end=3339
+  _globals['_PURGEIDENTIFIERSREQUEST']._serialized_start=3341
+  _globals['_PURGEIDENTIFIERSREQUEST']._serialized_end=3438
+  _globals['_PURGEIDENTIFIERSRESPONSE']._serialized_start=3440
+  _globals['_PURGEIDENTIFIERSRESPONSE']._serialized_end=3523
+  _globals['_GETSUPPRESSIONSTATSREQUEST']._serialized_start=3525
+  _globals['_GETSUPPRESSIONSTATSREQUEST']._serialized_end=3553
+  _globals['_GETSUPPRESSIONSTATSRESPONSE']._serialized_start=3555
+  _globals['_GETSUPPRESSIONSTATSRESPONSE']._serialized_end=3633
+  _globals['_INGESTIONSERVICE']._serialized_start=3636
+  _globals['_INGESTIONSERVICE']._serialized_end=5831
 # @@protoc_insertion_point(module_scope)

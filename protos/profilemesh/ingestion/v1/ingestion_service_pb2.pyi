@@ -9,6 +9,7 @@ from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers
+from profilemesh.common.v1 import identifier_pb2 as _identifier_pb2
 from profilemesh.ingestion.v1 import event_pb2 as _event_pb2
 from profilemesh.ingestion.v1 import record_pb2 as _record_pb2
 from profilemesh.ingestion.v1 import result_pb2 as _result_pb2
@@ -841,3 +842,206 @@ class CancelSourceRunResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelSourceRunResponse: _TypeAlias = CancelSourceRunResponse  # noqa: Y015
+
+@_typing.final
+class SuppressIdentifiersRequest(_message.Message):
+    """Request of IngestionService.SuppressIdentifiers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDENTIFIERS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """Why, in words, e.g. the deletion job; kept with the suppression, with any mention of the
+    identifiers themselves withheld.
+    """
+    @_builtins.property
+    def identifiers(self) -> _containers.RepeatedCompositeFieldContainer[_identifier_pb2.Identifier]:
+        """Identifiers to suppress, 1 to 1000, e.g. {type: "email", value: "jane@example.com"}. Only the
+        value counts: an item is matched by value whatever field carries it.
+        """
+
+    def __init__(
+        self,
+        *,
+        identifiers: _abc.Iterable[_identifier_pb2.Identifier] | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["identifiers", b"identifiers", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SuppressIdentifiersRequest: _TypeAlias = SuppressIdentifiersRequest  # noqa: Y015
+
+@_typing.final
+class SuppressIdentifiersResponse(_message.Message):
+    """Response of IngestionService.SuppressIdentifiers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDED_COUNT_FIELD_NUMBER: _builtins.int
+    added_count: _builtins.int
+    """Identifiers of the request that were not suppressed before and now are."""
+    def __init__(
+        self,
+        *,
+        added_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added_count", b"added_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SuppressIdentifiersResponse: _TypeAlias = SuppressIdentifiersResponse  # noqa: Y015
+
+@_typing.final
+class UnsuppressIdentifiersRequest(_message.Message):
+    """Request of IngestionService.UnsuppressIdentifiers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDENTIFIERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def identifiers(self) -> _containers.RepeatedCompositeFieldContainer[_identifier_pb2.Identifier]:
+        """Identifiers to remove from the suppression list, 1 to 1000."""
+
+    def __init__(
+        self,
+        *,
+        identifiers: _abc.Iterable[_identifier_pb2.Identifier] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["identifiers", b"identifiers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnsuppressIdentifiersRequest: _TypeAlias = UnsuppressIdentifiersRequest  # noqa: Y015
+
+@_typing.final
+class UnsuppressIdentifiersResponse(_message.Message):
+    """Response of IngestionService.UnsuppressIdentifiers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REMOVED_COUNT_FIELD_NUMBER: _builtins.int
+    removed_count: _builtins.int
+    """Identifiers of the request that were suppressed and no longer are."""
+    def __init__(
+        self,
+        *,
+        removed_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["removed_count", b"removed_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnsuppressIdentifiersResponse: _TypeAlias = UnsuppressIdentifiersResponse  # noqa: Y015
+
+@_typing.final
+class PurgeIdentifiersRequest(_message.Message):
+    """Request of IngestionService.PurgeIdentifiers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    IDENTIFIERS_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """Id of the deletion job the purge belongs to; named in ingestion's logs. Required."""
+    @_builtins.property
+    def identifiers(self) -> _containers.RepeatedCompositeFieldContainer[_identifier_pb2.Identifier]:
+        """The person's identifiers, 1 to 1000; every item mentioning one of them is erased."""
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        identifiers: _abc.Iterable[_identifier_pb2.Identifier] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["identifiers", b"identifiers", "job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PurgeIdentifiersRequest: _TypeAlias = PurgeIdentifiersRequest  # noqa: Y015
+
+@_typing.final
+class PurgeIdentifiersResponse(_message.Message):
+    """Response of IngestionService.PurgeIdentifiers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PURGED_COUNT_FIELD_NUMBER: _builtins.int
+    SCRUBBED_SOURCE_RUN_COUNT_FIELD_NUMBER: _builtins.int
+    purged_count: _builtins.int
+    """Records of the `events` log erased by this call. A retry after a complete purge answers 0."""
+    scrubbed_source_run_count: _builtins.int
+    """Source runs whose stored rejection reasons, error or checkpoint mentioned the identifiers and
+    were erased (a run whose checkpoint was erased reads its source from the start next time).
+    """
+    def __init__(
+        self,
+        *,
+        purged_count: _builtins.int = ...,
+        scrubbed_source_run_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["purged_count", b"purged_count", "scrubbed_source_run_count", b"scrubbed_source_run_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PurgeIdentifiersResponse: _TypeAlias = PurgeIdentifiersResponse  # noqa: Y015
+
+@_typing.final
+class GetSuppressionStatsRequest(_message.Message):
+    """Request of IngestionService.GetSuppressionStats. No parameters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSuppressionStatsRequest: _TypeAlias = GetSuppressionStatsRequest  # noqa: Y015
+
+@_typing.final
+class GetSuppressionStatsResponse(_message.Message):
+    """Response of IngestionService.GetSuppressionStats."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUPPRESSED_COUNT_FIELD_NUMBER: _builtins.int
+    DROPPED_COUNT_FIELD_NUMBER: _builtins.int
+    suppressed_count: _builtins.int
+    """Fingerprints on the suppression list (an identifier has one or two: its text, and its
+    normalised email or phone form when that differs).
+    """
+    dropped_count: _builtins.int
+    """Events and records dropped at intake because they mentioned a suppressed identifier, since
+    ingestion's data directory was created.
+    """
+    def __init__(
+        self,
+        *,
+        suppressed_count: _builtins.int = ...,
+        dropped_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped_count", b"dropped_count", "suppressed_count", b"suppressed_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSuppressionStatsResponse: _TypeAlias = GetSuppressionStatsResponse  # noqa: Y015

@@ -107,6 +107,26 @@ class IngestionServiceStub:
                 request_serializer=profilemesh_dot_ingestion_dot_v1_dot_ingestion__service__pb2.CancelSourceRunRequest.SerializeToString,
                 response_deserializer=profilemesh_dot_ingestion_dot_v1_dot_ingestion__service__pb2.CancelSourceRunResponse.FromString,
                 _registered_method=True)
+        self.SuppressIdentifiers = channel.unary_unary(
+                '/profilemesh.ingestion.v1.IngestionService/SuppressIdentifiers',
+                request_serializer=profilemesh_dot_ingestion_dot_v1_dot_ingestion__service__pb2.SuppressIdentifiersRequest.SerializeToString,
+                response_deserializer=profilemesh_dot_ingestion_dot_v1_dot_ingestion__service__pb2.SuppressIdentifiersResponse.FromString,
+                _registered_method=True)
+        self.UnsuppressIdentifiers = channel.unary_unary(
+                '/profilemesh.ingestion.v1.IngestionService/UnsuppressIdentifiers',
+                request_serializer=profilemesh_dot_ingestion_dot_v1_dot_ingestion__service__pb2.UnsuppressIdentifiersRequest.SerializeToString,
+                response_deserializer=profilemesh_dot_ingestion_dot_v1_dot_ingestion__service__pb2.UnsuppressIdentifiersResponse.FromString,
+                _registered_method=True)
+        self.PurgeIdentifiers = channel.unary_unary(
+                '/profilemesh.ingestion.v1.IngestionService/PurgeIdentifiers',
+                request_serializer=profilemesh_dot_ingestion_dot_v1_dot_ingestion__service__pb2.PurgeIdentifiersRequest.SerializeToString,
+                response_deserializer=profilemesh_dot_ingestion_dot_v1_dot_ingestion__service__pb2.PurgeIdentifiersResponse.FromString,
+                _registered_method=True)
+        self.GetSuppressionStats = channel.unary_unary(
+                '/profilemesh.ingestion.v1.IngestionService/GetSuppressionStats',
+                request_serializer=profilemesh_dot_ingestion_dot_v1_dot_ingestion__service__pb2.GetSuppressionStatsRequest.SerializeToString,
+                response_deserializer=profilemesh_dot_ingestion_dot_v1_dot_ingestion__service__pb2.GetSuppressionStatsResponse.FromString,
+                _registered_method=True)
 
 
 class IngestionServiceServicer:
@@ -225,6 +245,40 @@ class IngestionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SuppressIdentifiers(self, request, context):
+        """Adds identifiers to ingestion's suppression list, durably before answering. From then on an
+        event or record that mentions one of them in any string (compared trimmed and lower-cased,
+        emails normalised, phone numbers in E.164) is acknowledged to its sender as accepted but
+        dropped before the `events` log, and counted. Only SHA-256 digests are stored, never the
+        identifiers. Suppressing an identifier twice changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnsuppressIdentifiers(self, request, context):
+        """Removes identifiers from the suppression list: items mentioning them are stored again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PurgeIdentifiers(self, request, context):
+        """Erases every item of the `events` log (segments and Parquet archive) that mentions one of the
+        identifiers, keeping its offset, and what ingestion's other stores keep about those items.
+        Idempotent: a retry, e.g. after a crash, erases whatever is left.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSuppressionStats(self, request, context):
+        """Returns the size of the suppression list and how many items it made ingestion drop.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IngestionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -297,6 +351,26 @@ def add_IngestionServiceServicer_to_server(servicer, server):
                     servicer.CancelSourceRun,
                     request_deserializer=profilemesh_dot_ingestion_dot_v1_dot_ingestion__service__pb2.CancelSourceRunRequest.FromString,
                     response_serializer=profilemesh_dot_ingestion_dot_v1_dot_ingestion__service__pb2.CancelSourceRunResponse.SerializeToString,
+            ),
+            'SuppressIdentifiers': grpc.unary_unary_rpc_method_handler(
+                    servicer.SuppressIdentifiers,
+                    request_deserializer=profilemesh_dot_ingestion_dot_v1_dot_ingestion__service__pb2.SuppressIdentifiersRequest.FromString,
+                    response_serializer=profilemesh_dot_ingestion_dot_v1_dot_ingestion__service__pb2.SuppressIdentifiersResponse.SerializeToString,
+            ),
+            'UnsuppressIdentifiers': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnsuppressIdentifiers,
+                    request_deserializer=profilemesh_dot_ingestion_dot_v1_dot_ingestion__service__pb2.UnsuppressIdentifiersRequest.FromString,
+                    response_serializer=profilemesh_dot_ingestion_dot_v1_dot_ingestion__service__pb2.UnsuppressIdentifiersResponse.SerializeToString,
+            ),
+            'PurgeIdentifiers': grpc.unary_unary_rpc_method_handler(
+                    servicer.PurgeIdentifiers,
+                    request_deserializer=profilemesh_dot_ingestion_dot_v1_dot_ingestion__service__pb2.PurgeIdentifiersRequest.FromString,
+                    response_serializer=profilemesh_dot_ingestion_dot_v1_dot_ingestion__service__pb2.PurgeIdentifiersResponse.SerializeToString,
+            ),
+            'GetSuppressionStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSuppressionStats,
+                    request_deserializer=profilemesh_dot_ingestion_dot_v1_dot_ingestion__service__pb2.GetSuppressionStatsRequest.FromString,
+                    response_serializer=profilemesh_dot_ingestion_dot_v1_dot_ingestion__service__pb2.GetSuppressionStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -680,6 +754,114 @@ class IngestionService:
             '/profilemesh.ingestion.v1.IngestionService/CancelSourceRun',
             profilemesh_dot_ingestion_dot_v1_dot_ingestion__service__pb2.CancelSourceRunRequest.SerializeToString,
             profilemesh_dot_ingestion_dot_v1_dot_ingestion__service__pb2.CancelSourceRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SuppressIdentifiers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/profilemesh.ingestion.v1.IngestionService/SuppressIdentifiers',
+            profilemesh_dot_ingestion_dot_v1_dot_ingestion__service__pb2.SuppressIdentifiersRequest.SerializeToString,
+            profilemesh_dot_ingestion_dot_v1_dot_ingestion__service__pb2.SuppressIdentifiersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnsuppressIdentifiers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/profilemesh.ingestion.v1.IngestionService/UnsuppressIdentifiers',
+            profilemesh_dot_ingestion_dot_v1_dot_ingestion__service__pb2.UnsuppressIdentifiersRequest.SerializeToString,
+            profilemesh_dot_ingestion_dot_v1_dot_ingestion__service__pb2.UnsuppressIdentifiersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PurgeIdentifiers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/profilemesh.ingestion.v1.IngestionService/PurgeIdentifiers',
+            profilemesh_dot_ingestion_dot_v1_dot_ingestion__service__pb2.PurgeIdentifiersRequest.SerializeToString,
+            profilemesh_dot_ingestion_dot_v1_dot_ingestion__service__pb2.PurgeIdentifiersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSuppressionStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/profilemesh.ingestion.v1.IngestionService/GetSuppressionStats',
+            profilemesh_dot_ingestion_dot_v1_dot_ingestion__service__pb2.GetSuppressionStatsRequest.SerializeToString,
+            profilemesh_dot_ingestion_dot_v1_dot_ingestion__service__pb2.GetSuppressionStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -84,6 +84,22 @@ class IngestionServiceStub:
     """Asks a running source run to stop at its next checkpoint. Items appended before that stay
     stored. Cancelling a run in a final state changes nothing.
     """
+    SuppressIdentifiers: _grpc.UnaryUnaryMultiCallable[_ingestion_service_pb2.SuppressIdentifiersRequest, _ingestion_service_pb2.SuppressIdentifiersResponse]
+    """Adds identifiers to ingestion's suppression list, durably before answering. From then on an
+    event or record that mentions one of them in any string (compared trimmed and lower-cased,
+    emails normalised, phone numbers in E.164) is acknowledged to its sender as accepted but
+    dropped before the `events` log, and counted. Only SHA-256 digests are stored, never the
+    identifiers. Suppressing an identifier twice changes nothing.
+    """
+    UnsuppressIdentifiers: _grpc.UnaryUnaryMultiCallable[_ingestion_service_pb2.UnsuppressIdentifiersRequest, _ingestion_service_pb2.UnsuppressIdentifiersResponse]
+    """Removes identifiers from the suppression list: items mentioning them are stored again."""
+    PurgeIdentifiers: _grpc.UnaryUnaryMultiCallable[_ingestion_service_pb2.PurgeIdentifiersRequest, _ingestion_service_pb2.PurgeIdentifiersResponse]
+    """Erases every item of the `events` log (segments and Parquet archive) that mentions one of the
+    identifiers, keeping its offset, and what ingestion's other stores keep about those items.
+    Idempotent: a retry, e.g. after a crash, erases whatever is left.
+    """
+    GetSuppressionStats: _grpc.UnaryUnaryMultiCallable[_ingestion_service_pb2.GetSuppressionStatsRequest, _ingestion_service_pb2.GetSuppressionStatsResponse]
+    """Returns the size of the suppression list and how many items it made ingestion drop."""
 
 @_typing.type_check_only
 class IngestionServiceAsyncStub(IngestionServiceStub):
@@ -141,6 +157,22 @@ class IngestionServiceAsyncStub(IngestionServiceStub):
     """Asks a running source run to stop at its next checkpoint. Items appended before that stay
     stored. Cancelling a run in a final state changes nothing.
     """
+    SuppressIdentifiers: _aio.UnaryUnaryMultiCallable[_ingestion_service_pb2.SuppressIdentifiersRequest, _ingestion_service_pb2.SuppressIdentifiersResponse]  # type: ignore[assignment]
+    """Adds identifiers to ingestion's suppression list, durably before answering. From then on an
+    event or record that mentions one of them in any string (compared trimmed and lower-cased,
+    emails normalised, phone numbers in E.164) is acknowledged to its sender as accepted but
+    dropped before the `events` log, and counted. Only SHA-256 digests are stored, never the
+    identifiers. Suppressing an identifier twice changes nothing.
+    """
+    UnsuppressIdentifiers: _aio.UnaryUnaryMultiCallable[_ingestion_service_pb2.UnsuppressIdentifiersRequest, _ingestion_service_pb2.UnsuppressIdentifiersResponse]  # type: ignore[assignment]
+    """Removes identifiers from the suppression list: items mentioning them are stored again."""
+    PurgeIdentifiers: _aio.UnaryUnaryMultiCallable[_ingestion_service_pb2.PurgeIdentifiersRequest, _ingestion_service_pb2.PurgeIdentifiersResponse]  # type: ignore[assignment]
+    """Erases every item of the `events` log (segments and Parquet archive) that mentions one of the
+    identifiers, keeping its offset, and what ingestion's other stores keep about those items.
+    Idempotent: a retry, e.g. after a crash, erases whatever is left.
+    """
+    GetSuppressionStats: _aio.UnaryUnaryMultiCallable[_ingestion_service_pb2.GetSuppressionStatsRequest, _ingestion_service_pb2.GetSuppressionStatsResponse]  # type: ignore[assignment]
+    """Returns the size of the suppression list and how many items it made ingestion drop."""
 
 class IngestionServiceServicer(metaclass=_abc_1.ABCMeta):
     """The front door: accepts events and customer records, validates them, deduplicates them and
@@ -279,5 +311,45 @@ class IngestionServiceServicer(metaclass=_abc_1.ABCMeta):
         """Asks a running source run to stop at its next checkpoint. Items appended before that stay
         stored. Cancelling a run in a final state changes nothing.
         """
+
+    @_abc_1.abstractmethod
+    def SuppressIdentifiers(
+        self,
+        request: _ingestion_service_pb2.SuppressIdentifiersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingestion_service_pb2.SuppressIdentifiersResponse, _abc.Awaitable[_ingestion_service_pb2.SuppressIdentifiersResponse]]:
+        """Adds identifiers to ingestion's suppression list, durably before answering. From then on an
+        event or record that mentions one of them in any string (compared trimmed and lower-cased,
+        emails normalised, phone numbers in E.164) is acknowledged to its sender as accepted but
+        dropped before the `events` log, and counted. Only SHA-256 digests are stored, never the
+        identifiers. Suppressing an identifier twice changes nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def UnsuppressIdentifiers(
+        self,
+        request: _ingestion_service_pb2.UnsuppressIdentifiersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingestion_service_pb2.UnsuppressIdentifiersResponse, _abc.Awaitable[_ingestion_service_pb2.UnsuppressIdentifiersResponse]]:
+        """Removes identifiers from the suppression list: items mentioning them are stored again."""
+
+    @_abc_1.abstractmethod
+    def PurgeIdentifiers(
+        self,
+        request: _ingestion_service_pb2.PurgeIdentifiersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingestion_service_pb2.PurgeIdentifiersResponse, _abc.Awaitable[_ingestion_service_pb2.PurgeIdentifiersResponse]]:
+        """Erases every item of the `events` log (segments and Parquet archive) that mentions one of the
+        identifiers, keeping its offset, and what ingestion's other stores keep about those items.
+        Idempotent: a retry, e.g. after a crash, erases whatever is left.
+        """
+
+    @_abc_1.abstractmethod
+    def GetSuppressionStats(
+        self,
+        request: _ingestion_service_pb2.GetSuppressionStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingestion_service_pb2.GetSuppressionStatsResponse, _abc.Awaitable[_ingestion_service_pb2.GetSuppressionStatsResponse]]:
+        """Returns the size of the suppression list and how many items it made ingestion drop."""
 
 def add_IngestionServiceServicer_to_server(servicer: IngestionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
