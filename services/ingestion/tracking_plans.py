@@ -184,17 +184,24 @@ def validate_plan(plan: TrackingPlan, where: str = "tracking_plan") -> None:
     problems = []
     if not _NAME.match(plan.name):
         problems.append((f"{where}.name", "1-128 letters, digits, spaces, '.', '_' or '-'"))
+    # Enums are open: any number parses, and an unknown one would fail later, when compiled.
+    if plan.policy not in Policy.values():
+        problems.append((f"{where}.policy", f"{plan.policy} is not a violation policy"))
     seen = set()
     for i, rule in enumerate(plan.events):
         key = (rule.event_type, rule.event_name)
         if key in seen:
             problems.append((f"{where}.events[{i}]", "the same event is planned twice"))
         seen.add(key)
+        if rule.event_type not in event_type_pb2.EventType.values():
+            problems.append((f"{where}.events[{i}].event_type", "not an event type"))
         if rule.event_type in (0, event_type_pb2.EVENT_TYPE_TRACK) and not rule.event_name:
             problems.append((f"{where}.events[{i}].event_name", "a track event needs its name"))
         for j, prop in enumerate(rule.properties):
             if not prop.name:
                 problems.append((f"{where}.events[{i}].properties[{j}].name", "required"))
+            if prop.type not in PropertyType.values():
+                problems.append((f"{where}.events[{i}].properties[{j}].type", "not a type"))
             if prop.pattern:
                 try:
                     re.compile(prop.pattern)
@@ -245,7 +252,7 @@ def plan_from_dict(document: Mapping[str, Any], where: str) -> TrackingPlan:
 
     try:
         plan = json_format.ParseDict(expand(dict(document), 0), TrackingPlan())
-    except json_format.ParseError as error:
+    except (json_format.ParseError, OverflowError) as error:  # OverflowError: policy: .inf
         raise InvalidArgument.for_field(where, str(error)) from error
     validate_plan(plan, where)
     return plan
