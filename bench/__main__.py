@@ -30,6 +30,7 @@ BENCHES = (
     "scoring",
     "cdnow_churn",
     "activation",
+    "scaleout",
     "fuzz",
 )
 

@@ -44,6 +44,11 @@ def _parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="print every service's health")
     status.add_argument("--timeout", type=float, default=1.0, help="seconds per health check")
+    status.add_argument(
+        "--target",
+        metavar="HOST:PORT",
+        help="check only the server at this address (a container's probe: 127.0.0.1:50051)",
+    )
 
     commands.add_parser("plugins", help="list installed plugins and what they register")
     add_import_parser(commands)
@@ -97,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return asyncio.run(run_mesh(settings, sys.stdout, startup_timeout=args.startup_timeout))
     if args.command == "status":
-        return asyncio.run(_status(settings, args.timeout))
+        return asyncio.run(_status(settings, args.timeout, args.target))
     if args.command == "plugins":
         return _plugins(settings)
     if args.command == "import":
@@ -124,15 +129,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise AssertionError(f"unhandled command {args.command}")
 
 
-async def _status(settings: Settings, timeout: float) -> int:
+async def _status(settings: Settings, timeout: float, target: str | None = None) -> int:
     from profilemesh.shared.health_client import check_health
 
-    targets = [settings.services.of(name).target for name in SERVICE_NAMES]
+    names: Sequence[str] = SERVICE_NAMES if target is None else ("server",)
+    targets = [settings.services.of(name).target for name in names] if target is None else [target]
     statuses = await asyncio.gather(
-        *(check_health(target, settings, timeout=timeout) for target in targets)
+        *(check_health(address, settings, timeout=timeout) for address in targets)
     )
-    for name, target, status in zip(SERVICE_NAMES, targets, statuses, strict=True):
-        print(f"{name:<11} {target:<21} {status}")
+    for name, address, status in zip(names, targets, statuses, strict=True):
+        print(f"{name:<11} {address:<21} {status}")
     return 0 if all(status == "SERVING" for status in statuses) else 1
 
 

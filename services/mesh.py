@@ -77,7 +77,7 @@ class Mesh:
                     "--parent-pid",
                     str(os.getpid()),
                 ],
-                env=env,
+                env={**env, **self._metrics_port_of(service)},
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=log_file,
@@ -85,6 +85,14 @@ class Mesh:
             )
             target = self.settings.services.of(service).target
             self.children.append(Child(service, target, process, log_path))
+
+    def _metrics_port_of(self, service: str) -> dict[str, str]:
+        # The processes share one host: each gets a port of its own, the configured one plus
+        # the service's place in SERVICE_NAMES.
+        base = self.settings.metrics_port
+        if base is None:
+            return {}
+        return {"PROFILEMESH_METRICS_PORT": str(base + SERVICE_NAMES.index(service))}
 
     def exited(self) -> list[Child]:
         """Children that are no longer running."""

@@ -9,6 +9,7 @@ import sys
 
 from profilemesh.shared.auth.hosting import guard_app
 from profilemesh.shared.json_logging import configure_logging
+from profilemesh.shared.metrics import MetricsPortInUse, configure_metrics
 from profilemesh.shared.server import ListenError, create_server, serve
 from profilemesh.shared.service_app import ServiceApp
 from profilemesh.shared.settings import SERVICE_NAMES, Settings
@@ -56,15 +57,17 @@ GIL_SWITCH_SECONDS = 0.0005
 def serve_main(
     service: str, settings: Settings, *, port: int | None = None, parent_pid: int | None = None
 ) -> int:
-    """Entry point of ``profilemesh serve``: set up logging and tracing, serve, exit code."""
+    """Entry point of ``profilemesh serve``: set up logging, tracing and metrics, serve, exit
+    code."""
     configure_logging(service, settings.log_level, settings.log_format)
     configure_tracing(settings, service)
     # Consumers apply batches in a worker thread while the event loop serves calls; with the
     # default 5 ms GIL switch interval a call can wait that long per switch behind a batch.
     sys.setswitchinterval(GIL_SWITCH_SECONDS)
     try:
+        configure_metrics(settings, service)
         asyncio.run(run_service(service, settings, port=port, parent_pid=parent_pid))
-    except ListenError as error:
+    except (ListenError, MetricsPortInUse) as error:
         log.error("%s", error)
         return 2
     return 0

@@ -1,8 +1,9 @@
 """The one server bootstrap every service uses.
 
 ``create_server`` builds a grpc.aio server with the standard health service
-(grpc.health.v1), reflection, OpenTelemetry tracing and the error interceptor, bound to a port;
-the services' bindings bring the access guard (tokens, scopes, audit: ``shared/auth``).
+(grpc.health.v1), reflection, OpenTelemetry tracing, RPC metrics (``rpc.server.duration``) and
+the error interceptor, bound to a port; the services' bindings bring the access guard (tokens,
+scopes, audit: ``shared/auth``).
 ``serve`` runs it until SIGTERM/SIGINT and shuts down gracefully: health turns NOT_SERVING first
 (so load balancers and ``profilemesh up`` stop sending), then in-flight calls get ``grace``
 seconds to finish.
@@ -25,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
 from profilemesh.shared.error_interceptor import ErrorInterceptor
+from profilemesh.shared.metrics_interceptor import RpcMetricsInterceptor
 from profilemesh.shared.settings import Settings
 from profilemesh.shared.tls import server_credentials
 
@@ -77,7 +79,8 @@ class ServiceServer:
 
 
 def _traced_methods() -> Any:
-    # Health and reflection are polled constantly; tracing them would drown real traces.
+    # Health and reflection are polled constantly; tracing (or timing) them would drown real
+    # traces (and metrics).
     return filters.negate(
         filters.any_of(
             filters.health_check(),
@@ -100,6 +103,7 @@ def create_server(
     server = grpc.aio.server(
         interceptors=[
             aio_server_interceptor(filter_=_traced_methods()),
+            RpcMetricsInterceptor(measured=_traced_methods()),
             ErrorInterceptor(),
             *interceptors,
             *(interceptor for binding in bindings for interceptor in binding.interceptors),

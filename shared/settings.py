@@ -171,6 +171,31 @@ class TlsSettings(BaseModel):
         return self
 
 
+class PostgresSettings(BaseModel):
+    """The PostgreSQL server of the scale-out backend (every service's stores)."""
+
+    dsn: str | None = None
+    """A libpq connection string or URI, e.g. ``postgresql://profilemesh:...@db:5432/profilemesh``
+    (from a Kubernetes Secret). Required when ``backend`` is ``postgres``."""
+
+    pool_min: int = Field(default=1, ge=0)
+    pool_max: int = Field(default=8, ge=2)
+    """Connections per store: a transaction holds one and may read through another."""
+
+
+class NatsSettings(BaseModel):
+    """The NATS JetStream servers of the scale-out backend (every service's logs)."""
+
+    url: str = "nats://127.0.0.1:4222"
+    """One or more server URLs, comma-separated."""
+
+    stream_prefix: str = "profilemesh"
+    """Prefix of the JetStream streams, so that several meshes can share one NATS cluster."""
+
+    replicas: int = Field(default=1, ge=1, le=5)
+    """JetStream replicas of each stream (3 on a production cluster)."""
+
+
 class AuthSettings(BaseModel):
     """Who may call the mesh: API tokens with scopes, checked on every call.
 
@@ -217,6 +242,13 @@ class Settings(BaseSettings):
     tls: TlsSettings = TlsSettings()
     auth: AuthSettings = AuthSettings()
 
+    backend: Literal["embedded", "postgres"] = "embedded"
+    """Where state and logs live: ``embedded`` (SQLite, DuckDB and log files under
+    ``data_dir``; one machine) or ``postgres`` (PostgreSQL stores and NATS JetStream logs, for
+    several replicas per service on Kubernetes)."""
+    postgres: PostgresSettings = PostgresSettings()
+    nats: NatsSettings = NatsSettings()
+
     grace_seconds: float = Field(default=5.0, ge=0)
     """On SIGTERM, how long in-flight calls may finish before they are cancelled."""
 
@@ -238,6 +270,11 @@ class Settings(BaseSettings):
         default=None, validation_alias=AliasChoices("OTEL_SERVICE_NAME", "service_name")
     )
     """Standard ``OTEL_SERVICE_NAME``; defaults to ``profilemesh-<service>``."""
+
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    """When set, each service serves Prometheus' ``/metrics`` on this port (on ``bind_host``);
+    ``profilemesh up`` gives the services this port and the next four, in the order of
+    :data:`SERVICE_NAMES`. Unset (the default), no metrics SDK is installed: no cost."""
 
     @field_validator("disabled_plugins", mode="before")
     @classmethod
@@ -269,7 +306,10 @@ class Settings(BaseSettings):
             "PROFILEMESH_LOG_FORMAT": self.log_format,
             "PROFILEMESH_DISABLED_PLUGINS": ",".join(self.disabled_plugins),
             "OTEL_TRACES_EXPORTER": self.traces_exporter,
+            "PROFILEMESH_BACKEND": self.backend,
         }
+        if self.metrics_port is not None:
+            env["PROFILEMESH_METRICS_PORT"] = str(self.metrics_port)
         for name in SERVICE_NAMES:
             endpoint = self.services.of(name)
             env[f"PROFILEMESH_SERVICES__{name.upper()}__HOST"] = endpoint.host
@@ -281,6 +321,8 @@ class Settings(BaseSettings):
             ("IDENTITY", self.identity),
             ("TLS", self.tls),
             ("AUTH", self.auth),
+            ("POSTGRES", self.postgres),
+            ("NATS", self.nats),
         )
         for group, model in groups:
             for field in type(model).model_fields:

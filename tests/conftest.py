@@ -86,3 +86,8 @@ def spans() -> Iterator[InMemorySpanExporter]:
     _SPANS.clear()
     yield _SPANS
     _SPANS.clear()
+
+
+# The store-backend fixtures (``stores``, ``postgres_server``), for any test module. Imported last:
+# tests.store_backends imports free_port from here.
+from tests.store_backends import postgres_server, stores  # noqa: E402, F401

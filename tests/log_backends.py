@@ -15,7 +15,9 @@ from pathlib import Path
 
 from profilemesh.shared.log.api import Log, LogRecord, RecordBatch
 from profilemesh.shared.log.embedded import EmbeddedLog
+from profilemesh.shared.log.nats_log import NatsLog
 from profilemesh.shared.log.sqlite_store import SqliteConsumerStore
+from tests.nats_server import running_nats
 
 
 @dataclass(frozen=True)
@@ -44,8 +46,22 @@ async def _open_embedded(location: str, stream: str, partitions: int) -> Log:
     )
 
 
+@asynccontextmanager
+async def _nats_server(scratch: Path) -> AsyncIterator[str]:
+    with running_nats() as server:
+        yield server.url
+
+
+async def _open_nats(location: str, stream: str, partitions: int) -> Log:
+    # A short idle time, so that reading past redacted last records does not wait long.
+    return await NatsLog.open(
+        location, stream, partitions=partitions, prefix="test", idle_seconds=0.5
+    )
+
+
 BACKENDS = [
     LogBackend("embedded", _directory, _open_embedded),
+    LogBackend("nats", _nats_server, _open_nats),
 ]
 
 BACKENDS_BY_NAME = {backend.name: backend for backend in BACKENDS}

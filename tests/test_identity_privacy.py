@@ -4,7 +4,6 @@ job's bookkeeping."""
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from profilemesh.services.identity.suppression import SCHEMA, SuppressionList, d
 from profilemesh.shared.errors import NotFound
 from profilemesh.shared.log.api import RecordBatch
 from profilemesh.shared.log.sqlite_store import SqliteConsumerStore
+from tests.store_backends import StoreHarness
 from tests.test_identity_graph import assert_consistent
 from tests.test_identity_store import RULES, ev, profile
 
@@ -102,7 +102,9 @@ def test_the_latest_consent_decision_per_purpose_wins_and_older_ones_are_ignored
     assert not states["sms"].granted and states["sms"].source == "web"
 
 
-def test_consent_follows_identifiers_through_merges_and_is_stored_by_anchor() -> None:
+def test_consent_follows_identifiers_through_merges_and_is_stored_by_anchor(
+    stores: StoreHarness,
+) -> None:
     graph = IdentityGraph(RULES)
     graph.link(ev("user_id:u1", at=1))
     graph.link(ev("anonymous_id:a1", at=2))
@@ -120,8 +122,7 @@ def test_consent_follows_identifiers_through_merges_and_is_stored_by_anchor() ->
     graph.link(ev("user_id:u1", "anonymous_id:a1", at=3))
     merged = profile(graph, "user_id:u1")
     assert [s.purpose for s in book.states(merged)] == ["ads", "email"]
-    connection = sqlite3.connect(":memory:", isolation_level=None)
-    connection.executescript(consent.SCHEMA)
+    connection = stores.connection(consent.SCHEMA)
     consent.save(connection, book.drain_dirty())
     reloaded = _book(graph)
     reloaded.restore(consent.load(connection))
@@ -138,9 +139,8 @@ def test_consent_decisions_come_from_the_consent_trait_only_when_boolean() -> No
     assert consent.decisions_in({"consent": "all"}) == {}
 
 
-def test_the_suppression_list_keeps_digests_only() -> None:
-    connection = sqlite3.connect(":memory:", isolation_level=None)
-    connection.executescript(SCHEMA)
+def test_the_suppression_list_keeps_digests_only(stores: StoreHarness) -> None:
+    connection = stores.connection(SCHEMA)
     suppressions = SuppressionList()
     email = Identifier.parse("email:ada@x.io")
     assert not suppressions.any_suppressed([email])
@@ -157,9 +157,10 @@ def test_the_suppression_list_keeps_digests_only() -> None:
     assert not suppressions.any_suppressed([email])
 
 
-def test_a_job_succeeds_once_every_service_reported_and_repeated_reports_change_nothing() -> None:
-    connection = sqlite3.connect(":memory:", isolation_level=None)
-    connection.executescript(deletions.SCHEMA)
+def test_a_job_succeeds_once_every_service_reported_and_repeated_reports_change_nothing(
+    stores: StoreHarness,
+) -> None:
+    connection = stores.connection(deletions.SCHEMA)
     job = deletions.new_job("p_1", "ticket 9", suppressed=True)
     deletions.create(connection, job, [Identifier.parse("email:ada@x.io")], ["p_1"])
     for service in ("ingestion", "identity", "features", "scoring"):

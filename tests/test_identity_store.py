@@ -1,12 +1,12 @@
-"""Persistence of the identity graph in SQLite: what is saved change by change, inside the
-consumer's transaction, loads back as the same graph, which then behaves the same."""
+"""Persistence of the identity graph in its store: what is saved change by change, inside the
+consumer's transaction, loads back as the same graph, which then behaves the same. Every test
+runs on each store backend (SQLite and PostgreSQL, ``tests.store_backends``)."""
 
 from __future__ import annotations
 
 import contextlib
 import sqlite3
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,7 +25,7 @@ from profilemesh.services.identity.rules import (
 )
 from profilemesh.services.identity.store import GraphStore
 from profilemesh.shared.errors import DomainError, FailedPrecondition
-from profilemesh.shared.log.sqlite_store import SqliteConsumerStore
+from tests.store_backends import StoreHarness
 from tests.test_identity_graph import assert_consistent
 
 RULES = Rules(
@@ -61,9 +61,9 @@ def transaction(connection: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         raise
 
 
-def database() -> sqlite3.Connection:
-    connection = sqlite3.connect(":memory:", isolation_level=None)
-    connection.executescript(GraphStore.schema())
+def database(stores: StoreHarness) -> sqlite3.Connection:
+    """A fresh database with the identity tables, on the backend of ``stores``."""
+    connection: sqlite3.Connection = stores.connection(GraphStore.schema())
     return connection
 
 
@@ -78,8 +78,10 @@ def profile(graph: IdentityGraph, key: str) -> str:
     return found
 
 
-def test_the_graph_saved_in_the_consumers_transaction_loads_back_identical(tmp_path: Path) -> None:
-    store = SqliteConsumerStore(tmp_path / "identity.db")
+def test_the_graph_saved_in_the_consumers_transaction_loads_back_identical(
+    stores: StoreHarness,
+) -> None:
+    store = stores.open("identity")
     store.schema(GraphStore.schema())
     graph = IdentityGraph(RULES, clock=lambda: 42)
     offset = 0
@@ -132,8 +134,8 @@ def test_the_graph_saved_in_the_consumers_transaction_loads_back_identical(tmp_p
     assert loaded.snapshot() == graph.snapshot()
 
 
-def test_nothing_is_written_when_the_callers_transaction_rolls_back() -> None:
-    connection = database()
+def test_nothing_is_written_when_the_callers_transaction_rolls_back(stores: StoreHarness) -> None:
+    connection = database(stores)
     graph = IdentityGraph(RULES)
     graph.link(ev("user_id:u1", "anonymous_id:a1"))
     with pytest.raises(RuntimeError), transaction(connection):
@@ -142,8 +144,8 @@ def test_nothing_is_written_when_the_callers_transaction_rolls_back() -> None:
     assert len(GraphStore.load(connection, RULES)) == 0
 
 
-def test_rules_are_stored_as_the_proto() -> None:
-    connection = database()
+def test_rules_are_stored_as_the_proto(stores: StoreHarness) -> None:
+    connection = database(stores)
     assert GraphStore.load_rules(connection) is None
     GraphStore.save_rules(connection, RULES)
     assert GraphStore.load_rules(connection) == RULES
@@ -153,8 +155,10 @@ def summary(n: int) -> EventSummary:
     return EventSummary(f"m{n}", "track", "Viewed", n, {"n": n})
 
 
-def test_recent_events_keep_the_newest_and_follow_merges_and_unmerges() -> None:
-    connection = database()
+def test_recent_events_keep_the_newest_and_follow_merges_and_unmerges(
+    stores: StoreHarness,
+) -> None:
+    connection = database(stores)
     graph = IdentityGraph(Rules())
     anonymous = graph.link(ev("anonymous_id:a1")).profile_id or ""
     known = graph.link(ev("user_id:u1")).profile_id or ""
@@ -209,12 +213,17 @@ manual_step = st.tuples(
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=150,
+    deadline=None,
+    # ``stores`` only picks the backend; each example gets a fresh database from it.
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(steps=st.lists(st.one_of(link_step, manual_step), max_size=20), save_every=st.integers(1, 4))
 def test_any_history_saved_in_batches_loads_back_identical(
-    steps: list[tuple[Any, ...]], save_every: int
+    stores: StoreHarness, steps: list[tuple[Any, ...]], save_every: int
 ) -> None:
-    connection = database()
+    connection = database(stores)
     graph = IdentityGraph(RULES, clock=lambda: 1)
     for index, step in enumerate(steps):
         if step[0] == "link":

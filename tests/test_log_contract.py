@@ -1,6 +1,7 @@
 """The log contract: what every Log backend guarantees, and what a consumer built on it gets.
 
-Every test runs against each backend in ``tests.log_backends.BACKENDS``.
+Every test runs against each backend in ``tests.log_backends.BACKENDS``, and every consumer
+test against each consumer-store backend too (``tests.store_backends``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from tests.log_backends import (
     count_applied,
     count_records,
 )
+from tests.store_backends import StoreHarness
 
 # Long enough never to fire on a slow machine; short enough that a hang fails instead of
 # blocking the suite.
@@ -53,8 +55,9 @@ async def logs(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqliteConsumerStore]:
-    store = SqliteConsumerStore(tmp_path / "consumer.sqlite3")
+def store(stores: StoreHarness) -> Iterator[SqliteConsumerStore]:
+    """The consumer's store, on each store backend (``tests.store_backends``) in turn."""
+    store: SqliteConsumerStore = stores.open("consumer")
     store.schema(APPLIED_SCHEMA)
     yield store
     store.close()
@@ -337,6 +340,22 @@ async def test_batch_headers_are_delivered_with_every_record_of_the_batch(
     for record in records:
         seq = int(record.payload.split(b":")[2])
         assert dict(record.headers) == expected[seq]
+
+
+async def test_message_headers_add_to_the_batch_headers_for_their_own_record(
+    logs: LogHarness,
+) -> None:
+    # An outbox publishes messages queued in different traces in one append: each keeps its own.
+    log = await logs.open(partitions=2)
+    appended = entries("p", ["a", "b", "c"], 0, 6)
+    own = [{"traceparent": f"00-{seq:032x}-{seq + 1:016x}-01"} for seq in range(6)]
+    await log.append_batch(appended, {"outbox-seq": "6"}, message_headers=own)
+
+    records = await all_records(log)
+    assert len(records) == 6
+    for record in records:
+        seq = int(record.payload.split(b":")[2])
+        assert dict(record.headers) == {"outbox-seq": "6", **own[seq]}
 
 
 async def test_empty_and_large_payloads_round_trip(logs: LogHarness) -> None:

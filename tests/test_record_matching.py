@@ -15,6 +15,7 @@ from profilemesh.services.identity.record_matching import (
     RecordMatcher,
     settings_of,
 )
+from tests.store_backends import StoreHarness
 from tests.test_matching import precision_recall, synthetic_people
 
 
@@ -24,9 +25,9 @@ def incoming(row: dict[str, Any], founded: bool = True) -> IncomingRecord:
 
 
 @pytest.fixture
-def tx() -> sqlite3.Connection:
-    connection = sqlite3.connect(":memory:", isolation_level=None)
-    connection.executescript(RecordMatcher.schema())
+def tx(stores: StoreHarness) -> sqlite3.Connection:
+    """The matcher's tables, on each store backend in turn."""
+    connection: sqlite3.Connection = stores.connection(RecordMatcher.schema())
     return connection
 
 

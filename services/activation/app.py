@@ -10,6 +10,7 @@ from profilemesh.services.activation.servicer import ActivationServicer
 from profilemesh.shared.channel import channel_to
 from profilemesh.shared.identity_lookup import IdentityLookup
 from profilemesh.shared.log.hosting import host_log, remote_log
+from profilemesh.shared.log.stores import store_opener
 from profilemesh.shared.plugin_manager import create_plugin_manager
 from profilemesh.shared.server import bind
 from profilemesh.shared.service_app import ServiceApp
@@ -32,6 +33,7 @@ def build_app(settings: Settings) -> ServiceApp:
             initial_backoff_seconds=retry.initial_backoff_seconds,
             max_backoff_seconds=retry.max_backoff_seconds,
         ),
+        stores=store_opener(settings, "activation"),
     )
     identity = IdentityLookup(lambda: channel_to("identity", settings))
     app = ServiceApp(

@@ -17,6 +17,12 @@ Sending (:class:`DeliveryWorker`) takes due deliveries oldest first, per destina
 
 An attempt is recorded only after the activator answered: a crash in between repeats the
 attempt with the same key, which is what at-least-once with idempotency keys means.
+
+A delivery keeps the trace context of the transaction that queued it (the consumer batch or
+the RPC whose transition caused it). Sending a destination's due deliveries is one span,
+``deliver <activator>``, the child of the first delivery's context and linked to every one, so
+that the trace of an event goes on to the destination; each settled delivery is counted in
+``profilemesh.deliveries`` by activator and outcome.
 """
 
 from __future__ import annotations
@@ -30,20 +36,23 @@ import random
 import sqlite3
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf import json_format
+from opentelemetry import trace
 
 from profilemesh.activation.v1 import activation_log_pb2, segment_pb2
 from profilemesh.services.activation.profile_view import ProfileView
 from profilemesh.services.activation.segments import ENTERED, Transition
-from profilemesh.shared import pii
+from profilemesh.shared import metrics, pii
 from profilemesh.shared.extension_points import Activator, Delivery, DeliveryStatus
 from profilemesh.shared.log.outbox import Outbox
 from profilemesh.shared.log.sqlite_store import SqliteConsumerStore
+from profilemesh.shared.telemetry import batch_span, restored_trace_context, stored_trace_context
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +68,21 @@ SYNC_TRIGGER = segment_pb2.DELIVERY_TRIGGER_DAILY_SYNC
 _TRANSITIONS = {ENTERED_TRIGGER: "entered", EXITED_TRIGGER: "exited", SYNC_TRIGGER: "sync"}
 DAY_NS = 86_400 * 1_000_000_000
 DEFAULT_RATE_PER_SECOND = 100.0
+OUTCOMES: dict[int, str] = {
+    DELIVERED: "delivered",
+    RETRYING: "retried",
+    DEAD_LETTERED: "dead_lettered",
+    SKIPPED_NO_CONSENT: "skipped_no_consent",
+    SKIPPED_FREQUENCY_CAP: "skipped_frequency_cap",
+}
+"""The ``outcome`` a settled delivery is counted under, by the state it was left in."""
+INSERT = (
+    "INSERT INTO deliveries (delivery_id, destination_id, profile_id, segment_id, trigger,"
+    " state, idempotency_key, fields, occurred_at, created_at, trace_context)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+_tracer = trace.get_tracer(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +154,7 @@ def queue(
     """Queue the deliveries ``transitions`` cause, in the caller's transaction; how many."""
     rows = []
     now = time.time_ns()
+    context = stored_trace_context()
     for change in transitions:
         trigger = ENTERED_TRIGGER if change.transition == ENTERED else EXITED_TRIGGER
         for destination in destinations.get(change.segment_id, ()):
@@ -148,14 +173,10 @@ def queue(
                     json.dumps(fields, default=str),
                     change.occurred_at,
                     now,
+                    context,
                 )
             )
-    tx.executemany(
-        "INSERT INTO deliveries (delivery_id, destination_id, profile_id, segment_id, trigger,"
-        " state, idempotency_key, fields, occurred_at, created_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        rows,
-    )
+    tx.executemany(INSERT, rows)
     return len(rows)
 
 
@@ -170,6 +191,7 @@ def queue_current_members(
     if destination.paused or ENTERED_TRIGGER not in destination.triggers:
         return 0
     now = time.time_ns()
+    context = stored_trace_context()
     rows = [
         (
             uuid.uuid4().hex,
@@ -184,15 +206,11 @@ def queue_current_members(
             json.dumps(mapped_fields(views(profile_id), destination.mappings), default=str),
             entered_at,
             now,
+            context,
         )
         for profile_id, entered_at in members.items()
     ]
-    tx.executemany(
-        "INSERT INTO deliveries (delivery_id, destination_id, profile_id, segment_id, trigger,"
-        " state, idempotency_key, fields, occurred_at, created_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        rows,
-    )
+    tx.executemany(INSERT, rows)
     return len(rows)
 
 
@@ -205,6 +223,7 @@ def queue_sync(
 ) -> int:
     """The daily full sync of one destination: every current member once for ``day``."""
     now = time.time_ns()
+    context = stored_trace_context()
     rows = [
         (
             uuid.uuid4().hex,
@@ -217,15 +236,11 @@ def queue_sync(
             json.dumps(mapped_fields(views(profile_id), destination.mappings), default=str),
             now,
             now,
+            context,
         )
         for profile_id in members
     ]
-    tx.executemany(
-        "INSERT INTO deliveries (delivery_id, destination_id, profile_id, segment_id, trigger,"
-        " state, idempotency_key, fields, occurred_at, created_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        rows,
-    )
+    tx.executemany(INSERT, rows)
     return len(rows)
 
 
@@ -347,16 +362,37 @@ class DeliveryWorker:
     async def _send(
         self, destination: segment_pb2.Destination | None, rows: list[dict[str, Any]]
     ) -> int:
+        if destination is not None and destination.paused:
+            return 0
+        activator = destination.activator if destination is not None else ""
+        with batch_span(
+            _tracer,
+            f"deliver {activator or 'to a deleted destination'}",
+            (restored_trace_context(row["trace_context"]) for row in rows),
+            kind=trace.SpanKind.CLIENT,
+            attributes={
+                "profilemesh.activator": activator,
+                "profilemesh.destination.id": rows[0]["destination_id"],
+                "messaging.batch.message_count": len(rows),
+            },
+        ):
+            settled = await self._settle_due(destination, rows)
+        for state, count in Counter(state for _, state, _, _ in settled).items():
+            metrics.deliveries.add(count, {"activator": activator, "outcome": OUTCOMES[state]})
+        return len(settled)
+
+    async def _settle_due(
+        self, destination: segment_pb2.Destination | None, rows: list[dict[str, Any]]
+    ) -> list[tuple[dict[str, Any], int, str, float]]:
+        """Send what may be sent of one destination's due ``rows`` and record every outcome;
+        the deliveries settled (sent, skipped or failed)."""
+        settled: list[tuple[dict[str, Any], int, str, float]] = []
         if destination is None:
             # The destination was deleted: its queued deliveries have nowhere to go.
-            await asyncio.to_thread(
-                self._settle, [(r, DEAD_LETTERED, "destination deleted", 0) for r in rows]
-            )
+            settled = [(r, DEAD_LETTERED, "destination deleted", 0.0) for r in rows]
+            await asyncio.to_thread(self._settle, settled)
             self.outbox.notify()
-            return len(rows)
-        if destination.paused:
-            return 0
-        settled: list[tuple[dict[str, Any], int, str, float]] = []
+            return settled
         sendable = []
         today = datetime.now(UTC).date()
         start_of_day = int(
@@ -388,7 +424,7 @@ class DeliveryWorker:
         if settled:
             await asyncio.to_thread(self._settle, settled)
             self.outbox.notify()
-        return len(settled)
+        return settled
 
     async def _attempt(
         self, destination: segment_pb2.Destination, rows: list[dict[str, Any]]

@@ -31,17 +31,17 @@ from profilemesh.services.activation import deliveries
 from profilemesh.services.activation.applier import ActivationApplier
 from profilemesh.services.activation.segment_expressions import Catalog, parse_segment
 from profilemesh.services.activation.segments import SegmentBook
-from profilemesh.services.activation.store import SCHEMA
+from profilemesh.services.activation.store import prepare as prepare_store
 from profilemesh.services.activation.views import ViewTable
 from profilemesh.shared import deletion_reports
 from profilemesh.shared.deletion_reports import DeletionReporter
 from profilemesh.shared.errors import InvalidArgument, NotFound, Unavailable
 from profilemesh.shared.extension_points import Activator
-from profilemesh.shared.log.api import LogReader
+from profilemesh.shared.log.api import Log, LogReader
 from profilemesh.shared.log.consumer import LogConsumer
-from profilemesh.shared.log.embedded import EmbeddedLog
 from profilemesh.shared.log.outbox import Outbox
 from profilemesh.shared.log.sqlite_store import SqliteConsumerStore
+from profilemesh.shared.log.stores import StoreOpener, files_under
 from profilemesh.shared.plugin_manager import PluginSet
 from profilemesh.shared.supervision import fail_stop, stop_background
 
@@ -103,8 +103,11 @@ class Activation:
         plugins: PluginSet,
         clients: Clients,
         policy: deliveries.RetryPolicy | None = None,
+        stores: StoreOpener | None = None,
     ) -> None:
         self.data_dir = data_dir
+        self.stores = stores or files_under(data_dir)
+        """Opens the store (a SQLite file under ``data_dir`` unless the backend says else)."""
         self.plugins = plugins
         self.clients = clients
         self.policy = policy or deliveries.RetryPolicy()
@@ -133,11 +136,11 @@ class Activation:
             raise Unavailable("activation is starting or stopping")
         return self._outbox
 
-    async def open(self, activations: EmbeddedLog, sources: Mapping[str, LogReader]) -> None:
+    async def open(self, activations: Log, sources: Mapping[str, LogReader]) -> None:
         """Load the state, then follow identity's, features' and scoring's logs."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        store = SqliteConsumerStore(self.data_dir / "activation.sqlite")
-        store.schema(SCHEMA)
+        store = self.stores("activation")
+        prepare_store(store)
         store.schema(deletion_reports.SCHEMA)
         await asyncio.to_thread(store.read, self._load)
         outbox = Outbox(store, activations)

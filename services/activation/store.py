@@ -4,9 +4,14 @@ Everything that must agree commits together: a batch of the logs activation foll
 profile views it changed, the membership transitions those caused and the deliveries they
 queued. Deliveries are the outbox: a row exists exactly when a transition that a destination
 listens to happened, so nothing is sent that did not happen and nothing that happened is lost.
+
+Columns added since a store could first have been made are also in :data:`ADDED_COLUMNS`:
+:func:`prepare` adds them where they are missing.
 """
 
 from __future__ import annotations
+
+from profilemesh.shared.log.sqlite_store import SqliteConsumerStore
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS activation_views (
@@ -59,7 +64,8 @@ CREATE TABLE IF NOT EXISTS deliveries (
     occurred_at INTEGER NOT NULL,
     created_at INTEGER NOT NULL,
     last_attempt_at INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at INTEGER NOT NULL DEFAULT 0
+    next_attempt_at INTEGER NOT NULL DEFAULT 0,
+    trace_context TEXT
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS deliveries_by_destination ON deliveries (destination_id, state);
@@ -73,3 +79,17 @@ CREATE TABLE IF NOT EXISTS activation_settings (
     value TEXT NOT NULL
 ) WITHOUT ROWID;
 """
+
+ADDED_COLUMNS = (
+    # The trace context of the transaction that queued a delivery (JSON of its W3C headers),
+    # so that sending it continues that trace; NULL when there was none.
+    ("deliveries", "trace_context", "TEXT"),
+)
+"""(table, column, declaration) of the columns older stores were made without."""
+
+
+def prepare(store: SqliteConsumerStore) -> None:
+    """Create activation's tables in ``store``, or bring an older store's up to date."""
+    store.schema(SCHEMA)
+    for table, column, declaration in ADDED_COLUMNS:
+        store.ensure_column(table, column, declaration)

@@ -15,8 +15,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from profilemesh.shared.log.client import RemoteLog
-from profilemesh.shared.log.hosting import STREAMS
+from profilemesh.shared.log.hosting import remote_log
 from profilemesh.shared.settings import SERVICE_NAMES, Settings
 
 
@@ -24,8 +23,7 @@ async def log_ends(settings: Settings) -> dict[str, int]:
     """Each service's log: the sum of its partitions' end offsets."""
     ends = {}
     for service in SERVICE_NAMES:
-        stream, _ = STREAMS[service]
-        remote = RemoteLog(settings.services.of(service).target, stream, settings)
+        remote = remote_log(settings, service)  # from the service, or from NATS
         try:
             ends[service] = sum(p.next for p in await remote.offsets())
         finally:

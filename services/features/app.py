@@ -9,6 +9,7 @@ from profilemesh.services.features.servicer import FeaturesServicer
 from profilemesh.shared.channel import channel_to
 from profilemesh.shared.identity_lookup import IdentityLookup
 from profilemesh.shared.log.hosting import host_log, remote_log
+from profilemesh.shared.log.stores import store_opener
 from profilemesh.shared.server import bind
 from profilemesh.shared.service_app import ServiceApp
 from profilemesh.shared.settings import Settings
@@ -20,6 +21,7 @@ def build_app(settings: Settings) -> ServiceApp:
         settings.service_data_dir("features"),
         settings.features.definitions_file,
         lambda: channel_to("identity", settings),
+        stores=store_opener(settings, "features"),
     )
     # Created on first use, inside the server's event loop.
     identity = IdentityLookup(lambda: channel_to("identity", settings))

@@ -30,11 +30,11 @@ from profilemesh.services.features.state_table import StateTable, build_states
 from profilemesh.shared import deletion_reports
 from profilemesh.shared.deletion_reports import DeletionReporter
 from profilemesh.shared.errors import InvalidArgument, NotFound, Unavailable
-from profilemesh.shared.log.api import LogReader
+from profilemesh.shared.log.api import Log, LogReader
 from profilemesh.shared.log.consumer import LogConsumer
-from profilemesh.shared.log.embedded import EmbeddedLog
 from profilemesh.shared.log.outbox import Outbox
 from profilemesh.shared.log.sqlite_store import SqliteConsumerStore
+from profilemesh.shared.log.stores import StoreOpener, files_under
 from profilemesh.shared.supervision import fail_stop, stop_background
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,11 @@ class Features:
         data_dir: Path,
         definitions_file: Path | None = None,
         identity_channel: Callable[[], grpc.aio.Channel] | None = None,
+        stores: StoreOpener | None = None,
     ) -> None:
         self.data_dir = data_dir
+        self.stores = stores or files_under(data_dir)
+        """Opens the store (a SQLite file under ``data_dir`` unless the backend says else)."""
         self.identity_channel = identity_channel
         """How to reach identity, to report the deletions this service carried out."""
         self.definitions_file = definitions_file
@@ -109,10 +112,10 @@ class Features:
     def feature_set(self) -> FeatureSet:
         return self.registry.feature_set
 
-    async def open(self, changes: EmbeddedLog, resolutions: LogReader) -> None:
+    async def open(self, changes: Log, resolutions: LogReader) -> None:
         """Load definitions and states, then follow the resolution log."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        store = SqliteConsumerStore(self.data_dir / "features.sqlite")
+        store = self.stores("features")
         store.schema(Registry.schema())
         store.schema(StateTable.schema())
         store.schema(deletion_reports.SCHEMA)
@@ -120,7 +123,9 @@ class Features:
         discarded = events.discard_uncommitted(store.committed(CONSUMER, STREAM))
         if discarded:
             log.info("discarded %d events of a batch that never committed", discarded)
-        store.read(lambda c: self.registry.load(c, self.definitions_file))
+        # In a write transaction: the first start stores the definitions file's definitions.
+        with store.transaction() as tx:
+            self.registry.load(tx, self.definitions_file)
         await asyncio.to_thread(store.read, self.states.load)
         outbox = Outbox(store, changes)
         applier = Applier(self.registry, self.states, events, outbox, self.lock, self.writer)
@@ -140,6 +145,7 @@ class Features:
             store,  # type: ignore[arg-type]
             applier,  # type: ignore[arg-type]
             on_applied=applied,
+            on_assigned=self._reload_states,
         )
         self._store, self._events, self._outbox, self._consumer = store, events, outbox, consumer
         self._tasks = [
@@ -151,6 +157,14 @@ class Features:
         if pending:  # a backfill was cut short by a restart: run it again
             self.start_backfill(pending)
         threading.Thread(target=self.fit_lifetime_value, name="clv-fit", daemon=True).start()
+
+    def _reload_states(self, gained: frozenset[int]) -> None:
+        """This replica now applies more partitions of the resolution log (scale-out backend):
+        another replica changed their profiles' states in the shared store meanwhile, so the
+        in-memory states are read again before anything is applied on top of them."""
+        with self.writer, self.lock:
+            self.store.read(self.states.load)
+        log.info("reloaded %d profile states for partitions %s", len(self.states), sorted(gained))
 
     def _identity_channel(self) -> grpc.aio.Channel:
         if self.identity_channel is None:

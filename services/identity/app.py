@@ -9,6 +9,7 @@ from profilemesh.services.identity.servicer import IdentityServicer
 from profilemesh.services.identity.token_hosting import host_tokens
 from profilemesh.shared.channel import channel_to
 from profilemesh.shared.log.hosting import host_log, remote_log
+from profilemesh.shared.log.stores import store_opener
 from profilemesh.shared.server import bind
 from profilemesh.shared.service_app import ServiceApp
 from profilemesh.shared.settings import Settings
@@ -21,6 +22,7 @@ def build_app(settings: Settings) -> ServiceApp:
         settings.identity.rules_file,
         match_min_records=settings.identity.match_min_records,
         connect_ingestion=lambda: channel_to("ingestion", settings),
+        stores=store_opener(settings, "identity"),
     )
     app = ServiceApp(
         name="identity",

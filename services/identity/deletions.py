@@ -33,8 +33,7 @@ from profilemesh.common.v1 import identifier_pb2, job_pb2
 from profilemesh.identity.v1 import deletion_pb2, resolution_log_pb2
 from profilemesh.ingestion.v1 import ingestion_service_pb2, ingestion_service_pb2_grpc
 from profilemesh.services.identity.identifiers import Identifier
-from profilemesh.shared.log.api import RecordBatch
-from profilemesh.shared.log.embedded import EmbeddedLog
+from profilemesh.shared.log.api import Log, RecordBatch
 from profilemesh.shared.log.outbox import Outbox
 from profilemesh.shared.log.sqlite_store import SqliteConsumerStore
 
@@ -140,7 +139,7 @@ class Driver:
     def __init__(
         self,
         store: SqliteConsumerStore,
-        resolutions: EmbeddedLog,
+        resolutions: Log,
         outbox: Outbox,
         connect_ingestion: Callable[[], grpc.aio.Channel],
     ) -> None:

@@ -38,11 +38,11 @@ from profilemesh.services.identity.rules import Rules
 from profilemesh.services.identity.store import GraphStore
 from profilemesh.services.identity.suppression import SuppressionList
 from profilemesh.shared.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from profilemesh.shared.log.api import LogReader
+from profilemesh.shared.log.api import Log, LogReader
 from profilemesh.shared.log.consumer import LogConsumer
-from profilemesh.shared.log.embedded import EmbeddedLog
 from profilemesh.shared.log.outbox import Outbox
 from profilemesh.shared.log.sqlite_store import SqliteConsumerStore
+from profilemesh.shared.log.stores import StoreOpener, files_under
 from profilemesh.shared.supervision import fail_stop, stop_background
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,11 @@ class Identity:
         *,
         match_min_records: int = 1000,
         connect_ingestion: Callable[[], grpc.aio.Channel] | None = None,
+        stores: StoreOpener | None = None,
     ) -> None:
         self.data_dir = data_dir
+        self.stores = stores or files_under(data_dir)
+        """Opens the store (a SQLite file under ``data_dir`` unless the backend says else)."""
         self.rules_file = rules_file
         self.matcher = RecordMatcher(match_min_records)
         self.suppressions = SuppressionList()
@@ -89,10 +92,10 @@ class Identity:
             raise Unavailable("identity is starting or stopping")
         return self._store
 
-    async def open(self, resolutions: EmbeddedLog, events: LogReader) -> None:
+    async def open(self, resolutions: Log, events: LogReader) -> None:
         """Load the graph, then follow the event log and publish the resolution log."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        store = SqliteConsumerStore(self.data_dir / "identity.sqlite")
+        store = self.stores("identity")
         store.schema(GraphStore.schema())
         store.schema(RecordMatcher.schema())
         store.schema(suppression.SCHEMA)

@@ -19,7 +19,7 @@ from profilemesh.services.ingestion.source_runs import SourceRuns
 from profilemesh.services.ingestion.suppressions import SuppressionList, SuppressionStats
 from profilemesh.services.ingestion.tracking_plans import TrackingPlans
 from profilemesh.shared.errors import Unavailable
-from profilemesh.shared.log.embedded import EmbeddedLog
+from profilemesh.shared.log.api import Log
 from profilemesh.shared.plugin_manager import PluginSet
 from profilemesh.shared.settings import IngestionSettings
 
@@ -52,7 +52,7 @@ class Ingestion:
             raise Unavailable("ingestion is starting or stopping")
         return self._source_runs
 
-    async def open(self, event_log: EmbeddedLog) -> None:
+    async def open(self, event_log: Log) -> None:
         """Load the plans file, recover deduplication from the log, start snapshots and
         connector runs."""
         if self.settings.tracking_plans_file is not None:

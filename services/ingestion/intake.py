@@ -31,7 +31,7 @@ from profilemesh.services.ingestion.records import (
 )
 from profilemesh.services.ingestion.suppressions import SuppressionList
 from profilemesh.services.ingestion.tracking_plans import TrackingPlans
-from profilemesh.shared.log.embedded import EmbeddedLog
+from profilemesh.shared.log.api import Log
 from profilemesh.shared.settings import IngestionSettings
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class Intake:
 
     def __init__(
         self,
-        log: EmbeddedLog,
+        log: Log,
         settings: IngestionSettings,
         plans: TrackingPlans,
         dedup_snapshot: Path,

@@ -9,6 +9,7 @@ from profilemesh.services.scoring.features_client import FeaturesClient
 from profilemesh.services.scoring.servicer import ScoringServicer
 from profilemesh.shared.channel import channel_to, create_blocking_channel
 from profilemesh.shared.log.hosting import host_log, remote_log
+from profilemesh.shared.log.stores import store_opener
 from profilemesh.shared.server import bind
 from profilemesh.shared.service_app import ServiceApp
 from profilemesh.shared.settings import Settings
@@ -24,7 +25,10 @@ def build_app(settings: Settings) -> ServiceApp:
         deadline_seconds=settings.client.deadline_seconds,
     )
     domain = Scoring(
-        settings.service_data_dir("scoring"), features, lambda: channel_to("identity", settings)
+        settings.service_data_dir("scoring"),
+        features,
+        lambda: channel_to("identity", settings),
+        stores=store_opener(settings, "scoring"),
     )
     app = ServiceApp(
         name="scoring",

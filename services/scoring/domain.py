@@ -37,11 +37,11 @@ from profilemesh.services.scoring.registry import ModelRegistry
 from profilemesh.shared import deletion_reports
 from profilemesh.shared.deletion_reports import DeletionReporter
 from profilemesh.shared.errors import InvalidArgument, NotFound, Unavailable
-from profilemesh.shared.log.api import LogReader
+from profilemesh.shared.log.api import Log, LogReader
 from profilemesh.shared.log.consumer import LogConsumer
-from profilemesh.shared.log.embedded import EmbeddedLog
 from profilemesh.shared.log.outbox import Outbox
 from profilemesh.shared.log.sqlite_store import SqliteConsumerStore
+from profilemesh.shared.log.stores import StoreOpener, files_under
 from profilemesh.shared.supervision import fail_stop, stop_background
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,11 @@ class Scoring:
         data_dir: Path,
         features: FeaturesClient,
         identity_channel: Callable[[], grpc.aio.Channel] | None = None,
+        stores: StoreOpener | None = None,
     ) -> None:
         self.data_dir = data_dir
+        self.stores = stores or files_under(data_dir)
+        """Opens the store (a SQLite file under ``data_dir`` unless the backend says else)."""
         self.features = features
         self.identity_channel = identity_channel
         """How to reach identity, to report the deletions this service carried out."""
@@ -92,11 +95,11 @@ class Scoring:
             raise Unavailable("scoring is starting or stopping")
         return self._store
 
-    async def open(self, changes: EmbeddedLog, feature_changes: LogReader) -> None:
+    async def open(self, changes: Log, feature_changes: LogReader) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._registry = ModelRegistry(self.data_dir / "registry.sqlite")
         self._models = ModelsInUse(self._registry)
-        store = SqliteConsumerStore(self.data_dir / "scoring.sqlite")
+        store = self.stores("scoring")
         store.schema(rescoring.SCHEMA)
         store.schema(deletion_reports.SCHEMA)
         outbox = Outbox(store, changes)

@@ -22,6 +22,9 @@ from profilemesh.shared.errors import DomainError, ResourceExhausted
 TYPE_URL_PREFIX = "type.googleapis.com/"
 
 REDACTED_HEADER = "redacted"
+DEDUP_HEADER = "dedup-id"
+"""A record's own header naming it for deduplication: a backend that deduplicates appends (NATS
+JetStream, within its duplicate window) stores a record only once per id, whoever appends it."""
 """Header (value ``"1"``) of a record whose key and payload were erased by :meth:`Log.redact`:
 it keeps its offset, so positions stay valid, but carries nothing to apply."""
 
@@ -272,6 +275,8 @@ class LogReader(ABC):
     """Reading one stream: offsets and subscriptions (implemented locally and over gRPC)."""
 
     stream: str
+    messaging_system: str = "profilemesh"
+    """What consumers' spans and metrics name as ``messaging.system`` (the backend's name)."""
 
     @abstractmethod
     async def offsets(self) -> list[PartitionRange]:
@@ -332,6 +337,8 @@ class Log(LogReader):
         self,
         entries: Sequence[tuple[str, bytes]],
         headers: Mapping[str, str] | None = None,
+        *,
+        message_headers: Sequence[Mapping[str, str]] | None = None,
     ) -> Positions:
         """Append ``(key, payload)`` entries durably and return once all of them are.
 
@@ -339,8 +346,10 @@ class Log(LogReader):
         be partly stored (a retry then repeats them, which deduplication absorbs).
 
         ``headers`` apply to every entry; when not given, they carry the current trace context
-        so that consumers can link their spans to the producer's. Entries with the same key
-        keep their order. Raises :class:`LogFull` when the backend cannot keep up.
+        so that consumers can link their spans to the producer's. ``message_headers``, one
+        mapping per entry, add to (and override) them for that entry alone: entries queued by
+        different producers (an outbox) keep each their own trace context. Entries with the
+        same key keep their order. Raises :class:`LogFull` when the backend cannot keep up.
         """
 
     @abstractmethod

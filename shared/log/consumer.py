@@ -14,6 +14,7 @@ import contextvars
 import functools
 import logging
 import random
+import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,9 +23,11 @@ from typing import ClassVar, Generic, TypeVar
 
 from opentelemetry import trace
 
+from profilemesh.shared import metrics
 from profilemesh.shared.errors import Unavailable
 from profilemesh.shared.log.api import LogReader, OffsetOutOfRange, RecordBatch
-from profilemesh.shared.telemetry import linked_context
+from profilemesh.shared.log.partition_leases import LeaseLost, PartitionLeases
+from profilemesh.shared.telemetry import batch_span
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +87,12 @@ class ConsumerStore(ABC, Generic[Tx]):
         stream: str,
         batch: RecordBatch,
         handler: Handler[Tx],
+        fence: Callable[[Tx, int], None] | None = None,
     ) -> None:
         """Apply the records of ``batch`` not applied yet and move the offset, atomically.
+
+        ``fence``, when given, runs first inside the transaction and may raise to refuse the
+        apply (a replica that lost its lease on the partition, see :mod:`.partition_leases`).
 
         Records below the committed offset were applied by an earlier delivery and are skipped
         (the whole batch, if it lies entirely below); so are redacted records, the handler
@@ -96,6 +103,8 @@ class ConsumerStore(ABC, Generic[Tx]):
         applying it would silently skip records.
         """
         with self.transaction() as tx:
+            if fence is not None:
+                fence(tx, batch.partition)
             committed = self.committed_offset(tx, consumer, stream, batch.partition)
             if committed is not None:
                 if batch.next_offset <= committed:
@@ -137,8 +146,17 @@ class LogConsumer(Generic[Tx]):
         initial_backoff_seconds: float = 0.05,
         max_backoff_seconds: float = 5.0,
         on_applied: Callable[[RecordBatch], None] | None = None,
+        leases: PartitionLeases | None = None,
+        on_assigned: Callable[[frozenset[int]], None] | None = None,
     ) -> None:
         self.name = name
+        self.leases = leases
+        """Set when replicas share the partitions (see :mod:`.partition_leases`); a store
+        that says it is ``shared`` gets leases of its own when the consumer starts."""
+        self.on_assigned = on_assigned
+        """Called (in a worker thread) with the partitions this replica has just gained,
+        before it applies any of them: in-memory state must be reloaded from the store, which
+        another replica changed meanwhile."""
         self.on_applied = on_applied
         self.source = source
         self.store = store
@@ -197,6 +215,7 @@ class LogConsumer(Generic[Tx]):
             max_workers=self.store.concurrency, thread_name_prefix=f"consumer-{self.name}"
         )
         self._executor, self._runner = executor, runner
+        metrics.watch_lag(self)
         try:
             if not self._stopping:
                 await self._consume_all(stop_at_end)
@@ -205,6 +224,7 @@ class LogConsumer(Generic[Tx]):
                 raise
             runner.uncancel()  # the cancellation was our own stop(), not the caller's
         finally:
+            metrics.unwatch_lag(self)
             self._executor = self._runner = None
             self._stopping = False
             # Applies still running were waited for; nothing is left for these threads.
@@ -212,6 +232,16 @@ class LogConsumer(Generic[Tx]):
 
     async def _consume_all(self, stop_at_end: bool) -> None:
         ranges = await self._retrying("read the offsets", self.source.offsets)
+        if self.leases is None and self._owned is None and getattr(self.store, "shared", False):
+            self.leases = await asyncio.to_thread(
+                PartitionLeases,
+                self.store,  # type: ignore[arg-type]
+                self.name,
+                len(ranges),
+            )
+        if self.leases is not None:
+            await self._consume_leased(stop_at_end)
+            return
         committed = await self._in_store(self.store.committed, self.name, self.source.stream)
         owned = self._owned if self._owned is not None else [r.partition for r in ranges]
         for partition in owned:
@@ -236,6 +266,60 @@ class LogConsumer(Generic[Tx]):
         for task in done:
             if not task.cancelled() and (error := task.exception()) is not None:
                 raise error
+
+    async def _consume_leased(self, stop_at_end: bool) -> None:
+        """Consume the partitions this replica holds a lease on, following the leases as they
+        move between replicas; give them back when stopping."""
+        leases = self.leases
+        assert leases is not None
+        tasks: dict[int, asyncio.Task[None]] = {}
+        changes = leases.changes()
+        next_change: asyncio.Task[frozenset[int]] = asyncio.ensure_future(anext(changes))
+        try:
+            while True:
+                done, _ = await asyncio.wait(
+                    {next_change, *tasks.values()}, return_when=asyncio.FIRST_COMPLETED
+                )
+                for partition, task in list(tasks.items()):
+                    if task in done:
+                        del tasks[partition]
+                        if not task.cancelled() and (error := task.exception()) is not None:
+                            raise error
+                if next_change not in done:
+                    if stop_at_end and not tasks:
+                        return
+                    continue
+                owned = next_change.result()
+                next_change = asyncio.ensure_future(anext(changes))
+                for partition in set(tasks) - owned:
+                    tasks.pop(partition).cancel()
+                gained = frozenset(owned - set(tasks))
+                if not gained:
+                    continue
+                log.info(
+                    "consumer %s now holds %s/%s", self.name, self.source.stream, sorted(owned)
+                )
+                if self.on_assigned is not None:
+                    await asyncio.to_thread(self.on_assigned, gained)
+                ranges = await self._retrying("read the offsets", self.source.offsets)
+                committed = await self._in_store(
+                    self.store.committed, self.name, self.source.stream
+                )
+                for partition in gained:
+                    self._next[partition] = committed.get(partition, ranges[partition].first)
+                    tasks[partition] = asyncio.create_task(
+                        self._consume(partition, stop_at_end), name=f"{self.name}/p{partition}"
+                    )
+        finally:
+            next_change.cancel()
+            for task in tasks.values():
+                task.cancel()
+            await asyncio.gather(next_change, *tasks.values(), return_exceptions=True)
+            await changes.aclose()
+            try:
+                await asyncio.to_thread(leases.release)
+            except Exception:  # the leases expire on their own
+                log.warning("consumer %s could not give its leases back", self.name)
 
     async def _consume(self, partition: int, stop_at_end: bool) -> None:
         failures = 0
@@ -268,34 +352,51 @@ class LogConsumer(Generic[Tx]):
                         )
                         break
                     failures = 0
-                    await self._apply(batch)
+                    try:
+                        await self._apply(batch)
+                    except LeaseLost as lost:
+                        log.warning("consumer %s: %s; letting it go", self.name, lost)
+                        return
             finally:
                 await _close(subscription)
             await asyncio.sleep(delay)
 
     async def _apply(self, batch: RecordBatch) -> None:
-        # One span per batch, linked to the span that produced it (its trace context travels
-        # in the batch headers), so a trace can be followed from service to service.
-        producer = trace.get_current_span(linked_context(batch.headers)).get_span_context()
-        links = [trace.Link(producer)] if producer.is_valid else []
-        with _tracer.start_as_current_span(
-            f"consume {self.source.stream}",
+        # One span per batch, the child of its first record's producer (the trace context
+        # travels in each record's headers), so that one trace follows a message from service
+        # to service, and linked to every producer of the batch. Whatever the handler appends
+        # or queues in its outbox carries this span's context on.
+        source = self.source
+        common = {
+            "messaging.system": source.messaging_system,
+            "messaging.destination.name": source.stream,
+            "messaging.destination.partition.id": str(batch.partition),
+            "messaging.consumer.group.name": self.name,
+        }
+        started = time.perf_counter()
+        with batch_span(
+            _tracer,
+            f"consume {source.stream}",
+            (batch.headers_of(index) for index in range(len(batch))),
             kind=trace.SpanKind.CONSUMER,
-            links=links,
             attributes={
-                "messaging.destination.name": self.source.stream,
-                "messaging.destination.partition.id": str(batch.partition),
+                **common,
+                "messaging.operation.type": "process",
                 "messaging.batch.message_count": len(batch),
-                "messaging.consumer.group.name": self.name,
+                "messaging.profilemesh.first_offset": batch.base_offset,
+                "messaging.profilemesh.last_offset": batch.last_offset,
             },
         ):
             await self._apply_in_store(batch)
+        metrics.process_duration.record(time.perf_counter() - started, common)
+        metrics.consumed_messages.add(len(batch), common)
         if self.on_applied is not None:
             self.on_applied(batch)
 
     async def _apply_in_store(self, batch: RecordBatch) -> None:
+        fence = self.leases.check if self.leases is not None else None
         future = self._in_store(
-            self.store.apply, self.name, self.source.stream, batch, self.handler
+            self.store.apply, self.name, self.source.stream, batch, self.handler, fence
         )
         cancelled = False
         # The transaction runs to its end in its thread whatever happens here, so a

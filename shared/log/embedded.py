@@ -351,11 +351,15 @@ class EmbeddedLog(Log):
         self,
         entries: Sequence[tuple[str, bytes]],
         headers: Mapping[str, str] | None = None,
+        *,
+        message_headers: Sequence[Mapping[str, str]] | None = None,
     ) -> Positions:
         if not entries:
             return Positions([], {})
         if headers is None:
             headers = trace_headers()
+        if message_headers is not None and len(message_headers) != len(entries):
+            raise ValueError("message_headers must have one mapping per entry")
         partitions = self.partitions
         partition_of = [zlib.crc32(key.encode()) % partitions for key, _ in entries]
         groups: dict[int, tuple[list[str], list[bytes]]] = {}
@@ -365,6 +369,10 @@ class EmbeddedLog(Log):
                 group = groups[partition] = ([], [])
             group[0].append(key)
             group[1].append(payload)
+        own_headers: dict[int, list[Mapping[str, str]]] = {}
+        if message_headers is not None:
+            for partition, entry_headers in zip(partition_of, message_headers, strict=True):
+                own_headers.setdefault(partition, []).append(entry_headers)
         parts = []
         nbytes = 0
         for partition, (keys, payloads) in groups.items():
@@ -376,6 +384,8 @@ class EmbeddedLog(Log):
                 payloads=b"".join(payloads),
                 headers=headers,
             )
+            for entry_headers in own_headers.get(partition, ()):
+                batch.message_headers.add().entries.update(entry_headers)
             body = batch.SerializeToString()
             nbytes += len(body)
             parts.append(_Part(partition, body, len(keys)))

@@ -73,6 +73,15 @@ class SqliteConsumerStore(ConsumerStore[sqlite3.Connection]):
                     self._connection.execute("ROLLBACK")
                 raise
 
+    def ensure_column(self, table: str, column: str, declaration: str) -> None:
+        """Add ``column`` to ``table`` unless it has it: a store written by an earlier version
+        (``CREATE TABLE IF NOT EXISTS`` keeps its old columns) gains a column added since.
+        ``declaration`` must allow existing rows, e.g. ``TEXT`` (nullable)."""
+        with self._lock:
+            columns = {row[1] for row in self._connection.execute(f"PRAGMA table_info({table})")}
+            if column not in columns:
+                self._connection.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+
     def read(self, query: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``query`` in a read transaction (one consistent snapshot of what was committed),
         on this thread's own connection, so it never waits for a write in progress."""
