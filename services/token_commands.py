@@ -30,7 +30,7 @@ from google.protobuf import duration_pb2
 from profilemesh.common.v1 import auth_service_pb2, auth_service_pb2_grpc
 from profilemesh.shared.auth.scopes import SCOPES
 from profilemesh.shared.auth.token_messages import token_from_proto
-from profilemesh.shared.auth.token_store import TokenRecord, TokenStore, token_store_path
+from profilemesh.shared.auth.token_store import TokenRecord, token_store
 from profilemesh.shared.channel import channel_to
 from profilemesh.shared.errors import DomainError
 from profilemesh.shared.settings import Settings
@@ -88,7 +88,7 @@ def _ttl_seconds(args: argparse.Namespace) -> float | None:
 
 
 def _offline(args: argparse.Namespace, settings: Settings) -> int:
-    with TokenStore(token_store_path(settings)) as store:
+    with token_store(settings) as store:
         if args.action == "create":
             token, record = store.create(
                 args.name, _scopes(args.scopes), ttl_seconds=_ttl_seconds(args)

@@ -13,8 +13,10 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import grpc
+import psycopg
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -54,6 +56,7 @@ from profilemesh.shared.log.servicer import LogServicer, log_service_binding
 from profilemesh.shared.server import ServiceServer, bind, create_server
 from profilemesh.shared.service_app import ServiceApp
 from profilemesh.shared.settings import AuthSettings, Settings
+from tests.store_backends import StoreHarness
 
 # -- tokens -----------------------------------------------------------------------------------
 
@@ -83,22 +86,30 @@ def test_malformed_tokens_have_no_id(text: str) -> None:
     assert token_id_of(text) is None
 
 
-def test_the_store_keeps_only_the_digest_of_a_token(tmp_path: Path) -> None:
-    with TokenStore(tmp_path / "tokens.sqlite") as store:
+def _tokens(stores: StoreHarness, **options: Any) -> TokenStore:
+    """A token store over the test's ``tokens`` store on the backend under test."""
+    return TokenStore(lambda: stores.open("tokens"), **options)
+
+
+def test_the_store_keeps_only_the_digest_of_a_token(stores: StoreHarness) -> None:
+    with _tokens(stores) as store:
         token, record = store.create("crm-sync", ["events:write", "sources:admin"])
         verdict = store.check(token)
     assert verdict.status is TokenStatus.VALID
     assert verdict.record == record
     assert record.caller().scopes == {"events:write", "sources:admin"}
-    stored = b"".join(path.read_bytes() for path in tmp_path.iterdir())
+    rows = stores.open("tokens").read(lambda c: c.execute("SELECT * FROM api_tokens").fetchall())
+    stored = repr([tuple(row) for row in rows]).encode()
+    if stores.backend == "sqlite":
+        stored += b"".join(path.read_bytes() for path in stores.directory.iterdir())
     assert token.encode() not in stored
     assert _secret(token).encode() not in stored
     assert hashlib.sha256(token.encode()).hexdigest() == token_digest(token)
     assert token_digest(token).encode() in stored
 
 
-def test_a_token_with_a_known_id_but_another_secret_is_unknown(tmp_path: Path) -> None:
-    with TokenStore(tmp_path / "tokens.sqlite") as store:
+def test_a_token_with_a_known_id_but_another_secret_is_unknown(stores: StoreHarness) -> None:
+    with _tokens(stores) as store:
         token, record = store.create("a", ["profiles:read"])
         forged = f"pm_{record.token_id}_{_secret(generate_token())}"
         assert store.check(forged).status is TokenStatus.UNKNOWN
@@ -107,8 +118,8 @@ def test_a_token_with_a_known_id_but_another_secret_is_unknown(tmp_path: Path) -
         assert store.check(token).status is TokenStatus.VALID
 
 
-def test_a_revoked_token_is_refused_and_stays_listed_as_inactive(tmp_path: Path) -> None:
-    with TokenStore(tmp_path / "tokens.sqlite") as store:
+def test_a_revoked_token_is_refused_and_stays_listed_as_inactive(stores: StoreHarness) -> None:
+    with _tokens(stores) as store:
         token, record = store.create("a", ["profiles:read"])
         kept, _ = store.create("b", ["profiles:read"])
         revoked = store.revoke(record.token_id)
@@ -122,9 +133,9 @@ def test_a_revoked_token_is_refused_and_stays_listed_as_inactive(tmp_path: Path)
             store.revoke("0000000000000000")
 
 
-def test_a_token_expires_after_its_time_to_live(tmp_path: Path) -> None:
+def test_a_token_expires_after_its_time_to_live(stores: StoreHarness) -> None:
     now = [1_000_000.0]
-    with TokenStore(tmp_path / "tokens.sqlite", clock=lambda: now[0]) as store:
+    with _tokens(stores, clock=lambda: now[0]) as store:
         token, record = store.create("temp", ["profiles:read"], ttl_seconds=3600)
         assert record.expires_at == 1_000_000.0 + 3600
         now[0] += 3599
@@ -134,8 +145,8 @@ def test_a_token_expires_after_its_time_to_live(tmp_path: Path) -> None:
         assert store.tokens() == []
 
 
-def test_new_tokens_need_a_name_and_known_scopes(tmp_path: Path) -> None:
-    with TokenStore(tmp_path / "tokens.sqlite") as store:
+def test_new_tokens_need_a_name_and_known_scopes(stores: StoreHarness) -> None:
+    with _tokens(stores) as store:
         with pytest.raises(InvalidArgument, match="name"):
             store.create(" ", ["admin"])
         with pytest.raises(InvalidArgument, match="at least one scope"):
@@ -146,9 +157,11 @@ def test_new_tokens_need_a_name_and_known_scopes(tmp_path: Path) -> None:
             store.create("a", ["admin"], ttl_seconds=0)
 
 
-def test_a_bootstrap_token_is_added_once_and_a_revocation_is_never_undone(tmp_path: Path) -> None:
+def test_a_bootstrap_token_is_added_once_and_a_revocation_is_never_undone(
+    stores: StoreHarness,
+) -> None:
     token = generate_token()
-    with TokenStore(tmp_path / "tokens.sqlite") as store:
+    with _tokens(stores) as store:
         first = store.ensure(token, "bootstrap", [ADMIN])
         assert store.ensure(token, "bootstrap", [ADMIN]) == first
         assert store.check(token).record == first
@@ -158,6 +171,25 @@ def test_a_bootstrap_token_is_added_once_and_a_revocation_is_never_undone(tmp_pa
         clash = f"pm_{first.token_id}_{_secret(generate_token())}"
         with pytest.raises(Exception, match="another token has the id"):
             store.ensure(clash, "bootstrap", [ADMIN])
+
+
+def test_a_token_made_by_one_instance_is_verified_by_another_after_a_restart(
+    stores: StoreHarness,
+) -> None:
+    """On the postgres backend a restarted identity pod (or another replica) opens the same
+    tokens: nothing lives in the pod's data directory."""
+    with _tokens(stores) as first:
+        token, record = first.create("crm-sync", ["events:write"])
+        old, old_record = first.create("old", ["events:write"])
+        first.revoke(old_record.token_id)
+    with _tokens(stores) as second:
+        assert second.check(token).record == record
+        assert second.check(old).status is TokenStatus.REVOKED
+        later, later_record = second.create("later", ["profiles:read"])
+        with _tokens(stores) as third:  # a replica running beside it
+            assert third.check(later).status is TokenStatus.VALID
+            third.revoke(later_record.token_id)
+        assert second.check(later).status is TokenStatus.REVOKED
 
 
 # -- scopes -----------------------------------------------------------------------------------
@@ -530,9 +562,25 @@ def _record(n: int, **fields: object) -> AuditRecord:
     return AuditRecord(**values)  # type: ignore[arg-type]
 
 
+def _audit_log(stores: StoreHarness, **options: Any) -> AuditLog:
+    """An audit log over the test's ``audit`` store on the backend under test."""
+    return AuditLog(lambda: stores.open("audit"), "identity", **options)
+
+
+def _raw_sql(stores: StoreHarness, statement: str) -> None:
+    """Run ``statement`` in the audit store's own dialect, as someone with the file or a
+    database login could: around the service."""
+    store = stores.open("audit")
+    with store.transaction() as tx:
+        if stores.backend == "postgres":
+            tx.connection.execute(statement)
+        else:
+            tx.execute(statement)
+
+
 @pytest.fixture
-def audit(tmp_path: Path) -> Iterator[AuditLog]:
-    log = AuditLog(tmp_path / "audit.sqlite", "identity", flush_interval=0.05)
+def audit(stores: StoreHarness) -> Iterator[AuditLog]:
+    log = _audit_log(stores, flush_interval=0.05)
     log.open()
     yield log
     log.close()
@@ -545,6 +593,7 @@ def test_audit_entries_are_chained_and_listed_newest_first(audit: AuditLog) -> N
     entries = audit.query(AuditQuery(page_size=10))
     assert [e.sequence for e in entries] == [5, 4, 3, 2, 1]
     assert [e.record.duration_us for e in entries] == [5, 4, 3, 2, 1]
+    assert entries[0].record == _record(5, token_id="t1")
     assert [e.sequence for e in audit.query(AuditQuery(token_id="t2"))] == [4, 2]
     assert [e.sequence for e in audit.query(AuditQuery(before_sequence=3))] == [2, 1]
     since = _record(4).time_us
@@ -555,43 +604,97 @@ def test_audit_entries_are_chained_and_listed_newest_first(audit: AuditLog) -> N
     assert check.valid and check.entries_checked == 5
 
 
-def test_the_audit_table_refuses_updates_and_deletes(audit: AuditLog) -> None:
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE audit_entries SET status_code = 'OK'",
+        "DELETE FROM audit_entries",
+        "DELETE FROM audit_entries WHERE sequence = 1",
+    ],
+)
+def test_the_audit_table_refuses_updates_and_deletes(
+    audit: AuditLog, stores: StoreHarness, statement: str
+) -> None:
     audit.record(_record(1))
     assert audit.flush()
-    with sqlite3.connect(audit.path) as db:
-        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-            db.execute("UPDATE audit_entries SET status_code = 'OK'")
-        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-            db.execute("DELETE FROM audit_entries")
+    with pytest.raises((sqlite3.DatabaseError, psycopg.Error), match="append-only"):
+        _raw_sql(stores, statement)
     assert audit.verify_chain().entries_checked == 1
 
 
-def test_an_entry_changed_behind_the_triggers_breaks_the_chain(audit: AuditLog) -> None:
+def test_the_audit_table_refuses_truncation_on_postgres(
+    audit: AuditLog, stores: StoreHarness
+) -> None:
+    if stores.backend != "postgres":
+        pytest.skip("SQLite has no TRUNCATE (a DELETE without WHERE is refused above)")
+    audit.record(_record(1))
+    assert audit.flush()
+    with pytest.raises(psycopg.Error, match="append-only"):
+        _raw_sql(stores, "TRUNCATE audit_entries")
+    assert audit.verify_chain().entries_checked == 1
+
+
+def test_an_entry_changed_behind_the_triggers_breaks_the_chain(
+    audit: AuditLog, stores: StoreHarness
+) -> None:
     for n in range(1, 5):
         audit.record(_record(n))
     assert audit.flush()
-    db = sqlite3.connect(audit.path, isolation_level=None)
-    db.execute("DROP TRIGGER audit_entries_no_update")
-    db.execute("UPDATE audit_entries SET token_name = 'someone else' WHERE sequence = 3")
-    db.close()
+    if stores.backend == "postgres":
+        _raw_sql(stores, "DROP TRIGGER audit_entries_no_change ON audit_entries")
+    else:
+        _raw_sql(stores, "DROP TRIGGER audit_entries_no_update")
+    _raw_sql(stores, "UPDATE audit_entries SET token_name = 'someone else' WHERE sequence = 3")
     check = audit.verify_chain()
     assert not check.valid and check.first_invalid_sequence == 3
 
 
-def test_the_chain_continues_across_restarts(tmp_path: Path) -> None:
+def test_a_dropped_trigger_is_back_when_the_log_opens_again(stores: StoreHarness) -> None:
+    if stores.backend == "postgres":
+        drop = "DROP TRIGGER audit_entries_no_change ON audit_entries"
+    else:
+        drop = "DROP TRIGGER audit_entries_no_delete"
+    log = _audit_log(stores)
+    log.open()
+    log.record(_record(1))
+    log.close()
+    _raw_sql(stores, drop)
+    log.open()
+    log.close()
+    with pytest.raises((sqlite3.DatabaseError, psycopg.Error), match="append-only"):
+        _raw_sql(stores, "DELETE FROM audit_entries")
+
+
+def test_the_chain_continues_across_restarts(stores: StoreHarness) -> None:
     for _ in range(2):
-        log = AuditLog(tmp_path / "audit.sqlite", "identity")
+        log = _audit_log(stores)
         log.open()
         log.record(_record(1))
         log.close()
-    check = AuditLog(tmp_path / "audit.sqlite", "identity").verify_chain()
+    check = _audit_log(stores).verify_chain()
     assert check.valid and check.entries_checked == 2
 
 
+def test_replicas_sharing_a_store_append_to_one_chain(stores: StoreHarness) -> None:
+    replicas = [_audit_log(stores, flush_interval=0.01) for _ in range(2)]
+    for replica in replicas:
+        replica.open()
+    for n in range(1, 41):
+        replicas[n % 2].record(_record(n))
+        if n % 7 == 0:
+            assert replicas[n % 2].flush()
+    for replica in replicas:
+        replica.close()
+    check = _audit_log(stores).verify_chain()
+    assert check.valid and check.entries_checked == 40
+    listed = _audit_log(stores).query(AuditQuery(page_size=100))
+    assert sorted(e.record.duration_us for e in listed) == list(range(1, 41))
+
+
 def test_entries_beyond_the_pending_limit_are_dropped_and_the_gap_is_marked(
-    tmp_path: Path,
+    stores: StoreHarness,
 ) -> None:
-    log = AuditLog(tmp_path / "audit.sqlite", "identity", max_pending=3)
+    log = _audit_log(stores, max_pending=3)
     for n in range(5):  # not open yet: nothing is written, the queue fills up
         log.record(_record(n))
     log.open()
@@ -600,6 +703,13 @@ def test_entries_beyond_the_pending_limit_are_dropped_and_the_gap_is_marked(
     assert [e.record.status_code for e in reversed(entries)] == ["DATA_LOSS", "OK", "OK", "OK"]
     assert "2 entries dropped" in entries[-1].record.method
     assert log.verify_chain().valid
+
+
+def test_a_log_file_that_does_not_exist_reads_as_empty(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "audit.sqlite", "identity")
+    assert log.query(AuditQuery()) == []
+    assert log.verify_chain().entries_checked == 0
+    assert not (tmp_path / "audit.sqlite").exists()
 
 
 # -- settings, the local mesh's token, the command line ---------------------------------------

@@ -423,10 +423,10 @@ async def test_lifetime_value_is_fitted_on_purchases_and_served(mesh: Mesh) -> N
 
 
 def test_the_event_store_keeps_non_finite_numbers_as_null(tmp_path: Any) -> None:
-    from profilemesh.services.features.event_store import EventStore, PendingRows
+    from profilemesh.services.features.event_store import DuckDBEventStore, PendingRows
     from profilemesh.services.features.events import FeatureEvent
 
-    store = EventStore(tmp_path / "events.duckdb")
+    store = DuckDBEventStore(tmp_path / "events.duckdb")
     rows = PendingRows()
     event = FeatureEvent(
         "p", 1, "track", "Order Completed", {"revenue": float("nan"), "n": {"x": 1.5}}, {}

@@ -671,6 +671,11 @@ async def test_a_person_flows_through_all_five_services_with_their_stores_in_pos
         "profilemesh_features",
         "profilemesh_scoring",
         "profilemesh_activation",
+        # What a restarted pod must not lose: models, tokens, every service's audit log.
+        "profilemesh_scoring_registry",
+        "profilemesh_identity_tokens",
+        "profilemesh_identity_audit",
+        "profilemesh_scoring_audit",
     }
 
 

@@ -7,7 +7,6 @@ import argparse
 import asyncio
 import csv
 import json
-import sqlite3
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -43,6 +42,7 @@ from profilemesh.services.import_command import (
 from profilemesh.services.ingestion.intake import EventsOutcome, Intake
 from profilemesh.services.ingestion.source_runs import (
     INTERRUPTED,
+    STORE_NAME,
     RunState,
     SourceRunInfo,
     SourceRuns,
@@ -60,6 +60,7 @@ from profilemesh.shared.extension_points import Checkpoint, SourceBatch, SourceC
 from profilemesh.shared.hookspecs import hookimpl
 from profilemesh.shared.log.api import type_url
 from profilemesh.shared.log.embedded import EmbeddedLog
+from profilemesh.shared.log.stores import files_under
 from profilemesh.shared.plugin_manager import PluginSet, create_plugin_manager
 from profilemesh.shared.record_rows import RecordMapping, record_from_item
 from profilemesh.shared.segment_json import event_from_json
@@ -74,6 +75,7 @@ from profilemesh.shared.settings import (
 from profilemesh.testing import check_source_connector
 from tests.conftest import free_port
 from tests.postgres_server import PostgresServer, running_postgres
+from tests.store_backends import StoreHarness
 
 START = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 MAPPING = {
@@ -509,8 +511,11 @@ def intake(tmp_path: Path, event_log: EmbeddedLog) -> Intake:
 
 
 @pytest.fixture
-async def runs(tmp_path: Path, plugins: PluginSet, intake: Intake) -> AsyncIterator[SourceRuns]:
-    runs = SourceRuns(tmp_path / "source_runs.sqlite", plugins, intake)
+async def runs(
+    stores: StoreHarness, plugins: PluginSet, intake: Intake
+) -> AsyncIterator[SourceRuns]:
+    """Source runs kept on each store backend in turn."""
+    runs = SourceRuns(stores.open, plugins, intake)
     await runs.open()
     yield runs
     await runs.close()
@@ -618,11 +623,10 @@ async def test_a_cancelled_run_stops_at_a_checkpoint_and_the_next_run_reads_the_
 
 
 async def test_runs_left_running_by_a_crash_are_failed_on_open_and_resume(
-    tmp_path: Path, plugins: PluginSet, intake: Intake, event_log: EmbeddedLog
+    stores: StoreHarness, plugins: PluginSet, intake: Intake, event_log: EmbeddedLog
 ) -> None:
     events = segment_events(12)
-    database = tmp_path / "crash.sqlite"
-    first = SourceRuns(database, plugins, intake)
+    first = SourceRuns(stores.open, plugins, intake)
     await first.open()
     _GATES["crash"] = gate = threading.Event()
     try:
@@ -637,11 +641,13 @@ async def test_runs_left_running_by_a_crash_are_failed_on_open_and_resume(
         await first.close()
     finally:
         gate.set()
-    # A killed process writes nothing more: its run is left RUNNING, as here.
-    with sqlite3.connect(database) as db:
-        db.execute("UPDATE runs SET state = 'RUNNING', error = '', finished_at = NULL")
+    # A killed process writes nothing more: its run is left RUNNING and its heartbeat stops.
+    with stores.open(STORE_NAME).transaction() as tx:
+        tx.execute(
+            "UPDATE runs SET state = 'RUNNING', error = '', finished_at = NULL, heartbeat_at = NULL"
+        )
 
-    second = SourceRuns(database, plugins, intake)
+    second = SourceRuns(stores.open, plugins, intake)
     await second.open()
     try:
         interrupted = await second.get(run.run_id)
@@ -712,12 +718,12 @@ class FailingIntake(Intake):
 
 @pytest.fixture
 async def failing_runs(
-    tmp_path: Path, plugins: PluginSet, event_log: EmbeddedLog
+    tmp_path: Path, stores: StoreHarness, plugins: PluginSet, event_log: EmbeddedLog
 ) -> AsyncIterator[tuple[SourceRuns, FailingIntake]]:
     intake = FailingIntake(
         event_log, IngestionSettings(), TrackingPlans(tmp_path / "p.json"), tmp_path / "d"
     )
-    runs = SourceRuns(tmp_path / "failing_runs.sqlite", plugins, intake)
+    runs = SourceRuns(stores.open, plugins, intake)
     await runs.open()
     yield runs, intake
     await runs.close()
@@ -1011,6 +1017,7 @@ async def test_a_second_postgres_run_reads_only_the_rows_added_since_the_first(
 
     _execute(
         postgres.dsn,
+        "DROP TABLE IF EXISTS customers",  # the test runs once per store backend
         "CREATE TABLE customers (id serial PRIMARY KEY, email text, phone text, name text, "
         "updated_at timestamptz NOT NULL)",
     )
@@ -1068,7 +1075,7 @@ def serving_source_runs(tmp_path: Path, plugins: PluginSet) -> Iterator[Settings
         intake = Intake(
             log, IngestionSettings(), TrackingPlans(tmp_path / "p.json"), tmp_path / "d"
         )
-        runs = SourceRuns(tmp_path / "served-runs.sqlite", plugins, intake)
+        runs = SourceRuns(files_under(tmp_path), plugins, intake)
         await runs.open()
         binding = bind(
             ingestion_service_pb2,

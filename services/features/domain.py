@@ -23,16 +23,19 @@ import pyarrow as pa
 from profilemesh.services.features import batch, lifetime_value
 from profilemesh.services.features.applier import Applier
 from profilemesh.services.features.definitions import FeatureDefinition, FeatureSet
-from profilemesh.services.features.event_store import VIEW, EventStore
+from profilemesh.services.features.event_store import VIEW, DuckDBEventStore, EventStore
 from profilemesh.services.features.lifetime_value import LifetimeValueModel
+from profilemesh.services.features.postgres_events import PostgresEventStore
 from profilemesh.services.features.registry import Registry
+from profilemesh.services.features.state import ProfileState
 from profilemesh.services.features.state_table import StateTable, build_states
 from profilemesh.shared import deletion_reports
 from profilemesh.shared.deletion_reports import DeletionReporter
 from profilemesh.shared.errors import InvalidArgument, NotFound, Unavailable
-from profilemesh.shared.log.api import Log, LogReader
+from profilemesh.shared.log.api import Log, LogReader, RecordBatch, partition_for
 from profilemesh.shared.log.consumer import LogConsumer
 from profilemesh.shared.log.outbox import Outbox
+from profilemesh.shared.log.postgres_store import PostgresConsumerStore
 from profilemesh.shared.log.sqlite_store import SqliteConsumerStore
 from profilemesh.shared.log.stores import StoreOpener, files_under
 from profilemesh.shared.supervision import fail_stop, stop_background
@@ -119,7 +122,7 @@ class Features:
         store.schema(Registry.schema())
         store.schema(StateTable.schema())
         store.schema(deletion_reports.SCHEMA)
-        events = EventStore(self.data_dir / "events.duckdb")
+        events = self._open_events(store)
         discarded = events.discard_uncommitted(store.committed(CONSUMER, STREAM))
         if discarded:
             log.info("discarded %d events of a batch that never committed", discarded)
@@ -139,11 +142,15 @@ class Features:
                 applier.deleted = False
                 reporter.notify()
 
+        def apply(tx: object, batch: RecordBatch) -> None:
+            with events.within(tx):  # the events commit with the states and offsets
+                applier(tx, batch)  # type: ignore[arg-type]
+
         consumer: LogConsumer[object] = LogConsumer(
             CONSUMER,
             resolutions,
             store,  # type: ignore[arg-type]
-            applier,  # type: ignore[arg-type]
+            apply,
             on_applied=applied,
             on_assigned=self._reload_states,
         )
@@ -157,6 +164,14 @@ class Features:
         if pending:  # a backfill was cut short by a restart: run it again
             self.start_backfill(pending)
         threading.Thread(target=self.fit_lifetime_value, name="clv-fit", daemon=True).start()
+
+    def _open_events(self, store: SqliteConsumerStore) -> EventStore:
+        """The event store beside ``store``: in its PostgreSQL schema on the ``postgres``
+        backend, shared by every replica; else a DuckDB file under ``data_dir``."""
+        shared: object = store
+        if isinstance(shared, PostgresConsumerStore):
+            return PostgresEventStore(shared)
+        return DuckDBEventStore(self.data_dir / "events.duckdb")
 
     def _reload_states(self, gained: frozenset[int]) -> None:
         """This replica now applies more partitions of the resolution log (scale-out backend):
@@ -214,10 +229,11 @@ class Features:
         feature_set = self.registry.feature_set
         found: list[tuple[str, dict[str, Any] | None]] = []
         inputs: list[dict[str, Any] | None] = []
+        foreign = self._states_applied_elsewhere(profile_ids)
         with self.lock:
             for profile_id in profile_ids:
                 live = self.states.canonical(profile_id)
-                state = self.states.state(live)
+                state = foreign[live] if live in foreign else self.states.state(live)
                 if state is None:
                     found.append((profile_id, None))
                     inputs.append(None)
@@ -236,6 +252,36 @@ class Features:
                 values.update({name: outputs.get(name) for name in predicted})
             results.append((live, {name: values.get(name) for name in ordered}))
         return results, now
+
+    def _states_applied_elsewhere(
+        self, profile_ids: Sequence[str]
+    ) -> dict[str, ProfileState | None]:
+        """On the scale-out backend, the states of profiles whose partition another replica
+        applies, read from the shared store: this replica's copy of them is as old as its
+        last reload. Empty when this replica applies every partition."""
+        leases = self._consumer.leases if self._consumer is not None else None
+        if leases is None:
+            return {}
+        owned, partitions = leases.owned, leases.partitions
+        with self.lock:
+            elsewhere = {
+                live
+                for live in (self.states.canonical(p) for p in profile_ids)
+                if partition_for(live, partitions) not in owned
+            }
+        if not elsewhere:
+            return {}
+        marks = ", ".join("?" for _ in elsewhere)
+
+        def query(connection: Any) -> dict[str, ProfileState | None]:
+            rows = connection.execute(
+                f"SELECT profile_id, state FROM feature_states WHERE profile_id IN ({marks})",
+                sorted(elsewhere),
+            ).fetchall()
+            return {str(p): ProfileState.from_bytes(blob) for p, blob in rows}
+
+        stored = self.store.read(query)
+        return {live: stored.get(live) for live in elsewhere}
 
     def fit_lifetime_value(self, force: bool = False) -> LifetimeValueModel | None:
         """(Re)fit the lifetime value model when it is missing or old; the model in use."""

@@ -1,16 +1,20 @@
-"""The events features are computed from, in DuckDB: what backfills, point-in-time queries and
-unmerges read.
+"""The events features are computed from: what backfills, point-in-time queries and unmerges read.
 
 The streaming state answers "now" in O(1); anything else — a feature as of a past time, a new
 definition over old events, a profile split in two — needs the events themselves. Each event
-resolved to a profile is kept here with the identifier that anchors it (its highest-priority
+resolved to a profile is kept with the identifier that anchors it (its highest-priority
 identifier), so that an unmerge can tell which of the resulting profiles it belongs to.
 
-Consistency with the consumer's SQLite store, which holds the offsets: rows are written before
-their batch's offsets commit, tagged with their log position. At start-up, rows past the
-committed offsets are from a batch that never committed (the consumer will apply it again), and
-are deleted; merges and unmerges rewrite ``profile_id`` idempotently, so repeating them is
-harmless.
+:class:`EventStore` is the interface; DuckDB is the query engine of both implementations (a
+reader is a DuckDB connection with the view :data:`VIEW`):
+
+- :class:`DuckDBEventStore` (embedded backend): a DuckDB file beside the consumer's SQLite
+  store. Rows are written before their batch's offsets commit, tagged with their log position;
+  at start-up, rows past the committed offsets are from a batch that never committed (the
+  consumer will apply it again), and are deleted; merges and unmerges rewrite ``profile_id``
+  idempotently, so repeating them is harmless.
+- :class:`~.postgres_events.PostgresEventStore` (``postgres`` backend): a table in features'
+  store schema, written in the consumer's transaction, shared by every replica.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ import json
 import math
 import os
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +125,87 @@ def _fsync_directory(directory: Path) -> None:
         os.close(descriptor)
 
 
-class EventStore:
+class EventStore(ABC):
+    """Where the events are kept, written by the consumer's handler and read by queries.
+
+    Writes happen inside the consumer's transaction (see :meth:`within`); reads see a
+    consistent snapshot of what was written.
+    """
+
+    def within(self, tx: object) -> AbstractContextManager[None]:
+        """While the block runs, this thread's writes and :meth:`events_of` go through the
+        consumer's transaction ``tx``, where the store can (so they commit or roll back with
+        the offsets). The embedded store writes its own file and ignores it."""
+        return nullcontext()
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the store's resources."""
+
+    @abstractmethod
+    def reader(self) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
+        """A DuckDB connection of its own in which :data:`VIEW` holds the stored events, for a
+        query running beside the consumer's writes."""
+
+    @abstractmethod
+    def discard_uncommitted(self, committed: dict[int, int]) -> int:
+        """Delete rows written by a batch that never committed (past the ``committed``
+        offsets); how many there were."""
+
+    @abstractmethod
+    def count(self) -> int:
+        """How many events are stored."""
+
+    @abstractmethod
+    def append(self, rows: PendingRows) -> None:
+        """Store ``rows`` (and empty them)."""
+
+    @abstractmethod
+    def reassign(self, profile_ids: Sequence[str], to: str) -> None:
+        """Events of ``profile_ids`` now belong to ``to`` (a merge)."""
+
+    @abstractmethod
+    def reassign_anchors(self, of: Sequence[str], anchors: Iterable[str], to: str) -> None:
+        """Events of profiles ``of`` anchored on ``anchors`` now belong to ``to`` (an unmerge)."""
+
+    @abstractmethod
+    def delete_profiles(self, profile_ids: Sequence[str]) -> None:
+        """Forget every event of ``profile_ids`` (an erasure)."""
+
+    @abstractmethod
+    def scrub(self) -> bool:
+        """Make deleted rows unrecoverable from the store's files, as far as the store can;
+        True when done (a deletion reporter's scrubber)."""
+
+    @abstractmethod
+    def events_of(self, profile_ids: Sequence[str]) -> dict[str, list[FeatureEvent]]:
+        """Every stored event of ``profile_ids``, in log order per profile."""
+
+    @abstractmethod
+    def profile_ids(self) -> list[str]:
+        """Every profile with a stored event, sorted."""
+
+
+def stored_event(
+    profile_id: str,
+    timestamp_ns: int,
+    kind: str,
+    name: str,
+    properties: str | None,
+    context: str | None,
+) -> FeatureEvent:
+    """The event of a stored row (properties and context as JSON text)."""
+    return FeatureEvent(
+        profile_id=profile_id,
+        timestamp_ns=timestamp_ns,
+        type=kind,
+        name=name,
+        properties=json.loads(properties) if properties else {},
+        context=json.loads(context) if context else {},
+    )
+
+
+class DuckDBEventStore(EventStore):
     """One DuckDB database file; the consumer writes, queries read through their own cursors."""
 
     def __init__(self, path: Path) -> None:
@@ -243,17 +328,8 @@ class EventStore:
                 " WHERE list_contains(?, profile_id) ORDER BY log_partition, log_offset",
                 [list(profile_ids)],
             ).fetchall()
-        for profile_id, timestamp_ns, kind, name, properties, context in rows:
-            found[profile_id].append(
-                FeatureEvent(
-                    profile_id=profile_id,
-                    timestamp_ns=timestamp_ns,
-                    type=kind,
-                    name=name,
-                    properties=json.loads(properties) if properties else {},
-                    context=json.loads(context) if context else {},
-                )
-            )
+        for row in rows:
+            found[row[0]].append(stored_event(*row))
         return found
 
     def profile_ids(self) -> list[str]:

@@ -13,7 +13,7 @@ import logging
 from profilemesh.common.v1 import auth_service_pb2, auth_service_pb2_grpc
 from profilemesh.services.identity.auth_servicer import AuthServicer
 from profilemesh.shared.auth.scopes import ADMIN
-from profilemesh.shared.auth.token_store import BOOTSTRAP_NAME, TokenStore, token_store_path
+from profilemesh.shared.auth.token_store import BOOTSTRAP_NAME, TokenStore, token_store
 from profilemesh.shared.auth.verifier import StoreVerifier
 from profilemesh.shared.server import bind
 from profilemesh.shared.service_app import ServiceApp
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 def host_tokens(app: ServiceApp, settings: Settings) -> TokenStore:
     """Give ``app`` the token store, ``AuthService`` and a verifier reading the store."""
-    store = TokenStore(token_store_path(settings))
+    store = token_store(settings)
     app.bindings.append(
         bind(auth_service_pb2, auth_service_pb2_grpc, "AuthService", AuthServicer(store))
     )
@@ -42,7 +42,7 @@ def host_tokens(app: ServiceApp, settings: Settings) -> TokenStore:
         await asyncio.to_thread(open_store)
 
     async def close_tokens() -> None:
-        store.close()
+        await asyncio.to_thread(store.close)
 
     # Open before anything else and closed last: calls are verified against it throughout.
     app.startup.insert(0, open_tokens)

@@ -3,6 +3,22 @@
 It owns the tracking plans (available at once), and the intake (checks, dedup and durable
 appends), which exists only while the event log is open; so do the suppression list and
 purges, which act on what the intake stores.
+
+Where its state lives. The suppression list and the source runs are consumer stores opened
+through ``stores`` (:mod:`profilemesh.shared.log.stores`): SQLite files under ``data_dir`` on
+the embedded backend, schemas of the shared PostgreSQL database on the ``postgres`` backend,
+where every replica reads and writes the same ones and a pod's restart loses nothing. The
+tracking plans come from configuration.
+
+The deduplication snapshot stays a file under ``data_dir``, one per replica, on both backends.
+Deduplication is a per-replica window, an optimisation over the event log and not a record of
+its own: the snapshot only shortens the replay at start-up (without it, the replica replays the
+retained log, which also teaches it the ids every other replica had stored by then). A client's
+retry that reaches the replica which took the first attempt is answered as a duplicate; one
+that reaches another replica after start-up is not recognised and is stored a second time,
+with the same message id, and the event log's consumers see it twice. Moving the window into
+the shared database would put a round trip on every append for a rare case; a load balancer
+that keeps a client's connection on one replica (gRPC does, per channel) makes it rarer still.
 """
 
 from __future__ import annotations
@@ -16,10 +32,15 @@ from pathlib import Path
 from profilemesh.services.ingestion.intake import Intake
 from profilemesh.services.ingestion.purge import PurgeOutcome, purge
 from profilemesh.services.ingestion.source_runs import SourceRuns
-from profilemesh.services.ingestion.suppressions import SuppressionList, SuppressionStats
+from profilemesh.services.ingestion.suppressions import (
+    REFRESH_SECONDS,
+    SuppressionList,
+    SuppressionStats,
+)
 from profilemesh.services.ingestion.tracking_plans import TrackingPlans
 from profilemesh.shared.errors import Unavailable
 from profilemesh.shared.log.api import Log
+from profilemesh.shared.log.stores import StoreOpener, files_under
 from profilemesh.shared.plugin_manager import PluginSet
 from profilemesh.shared.settings import IngestionSettings
 
@@ -27,16 +48,26 @@ log = logging.getLogger(__name__)
 
 
 class Ingestion:
-    """The ingestion service's domain state, kept under ``data_dir``."""
+    """The ingestion service's domain state: the dedup snapshot under ``data_dir``, the
+    suppression list and source runs in the stores ``stores`` opens (by default SQLite files
+    under ``data_dir``)."""
 
-    def __init__(self, data_dir: Path, settings: IngestionSettings, plugins: PluginSet) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        settings: IngestionSettings,
+        plugins: PluginSet,
+        stores: StoreOpener | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.settings = settings
         self.plugins = plugins
+        self.stores = stores or files_under(data_dir)
         self.plans = TrackingPlans(data_dir / "tracking_plans.json")
         self._intake: Intake | None = None
         self._source_runs: SourceRuns | None = None
         self._snapshots: asyncio.Task[None] | None = None
+        self._refreshes: asyncio.Task[None] | None = None
 
     @property
     def intake(self) -> Intake:
@@ -57,15 +88,17 @@ class Ingestion:
         connector runs."""
         if self.settings.tracking_plans_file is not None:
             self.plans.load_yaml(self.settings.tracking_plans_file)
-        suppressions = SuppressionList(self.data_dir / "suppressions.sqlite")
+        suppressions = SuppressionList(self.stores)
         await asyncio.to_thread(suppressions.open)
+        if suppressions.shared:
+            self._refreshes = asyncio.create_task(self._refresh_periodically(suppressions))
         intake = Intake(
             event_log, self.settings, self.plans, self.data_dir / "dedup.snapshot", suppressions
         )
         await intake.recover()
         self._intake = intake
         self._snapshots = asyncio.create_task(self._snapshot_periodically(intake))
-        source_runs = SourceRuns(self.data_dir / "source_runs.sqlite", self.plugins, intake)
+        source_runs = SourceRuns(self.stores, self.plugins, intake)
         await source_runs.open()
         self._source_runs = source_runs
 
@@ -75,10 +108,12 @@ class Ingestion:
         if self._source_runs is not None:
             await self._source_runs.close()
             self._source_runs = None
-        if self._snapshots is not None:
-            self._snapshots.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._snapshots
+        for task in (self._snapshots, self._refreshes):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._snapshots = self._refreshes = None
         if self._intake is not None:
             await self._intake.save_snapshot()
             await asyncio.to_thread(self._intake.suppressions.close)
@@ -109,3 +144,13 @@ class Ingestion:
                 await intake.save_snapshot()
             except OSError:
                 log.exception("saving the dedup snapshot failed; will retry")
+
+    async def _refresh_periodically(self, suppressions: SuppressionList) -> None:
+        """Enforce what other replicas suppress (or stop suppressing), within about
+        :data:`REFRESH_SECONDS`: one small read of the list's version each time."""
+        while True:
+            await asyncio.sleep(REFRESH_SECONDS)
+            try:
+                await asyncio.to_thread(suppressions.refresh)
+            except Exception:
+                log.exception("refreshing the suppression list failed; will retry")

@@ -4,7 +4,8 @@ A run instantiates its connector (an invalid configuration fails ``start`` befor
 exists), then pulls batches from ``check()`` and ``read(checkpoint)`` in a thread of their own,
 converts each batch (Segment JSON events, ``CustomerRecord`` JSON records) and hands it to
 :class:`~profilemesh.services.ingestion.intake.Intake`. Only once the batch is durable in the
-event log are its checkpoint and the run's counters committed to SQLite, together. So:
+event log are its checkpoint and the run's counters committed to ingestion's consumer store
+``source_runs``, together. So:
 
 - a run stopped anywhere (cancelled, failed, the process killed) restarts from the checkpoint
   after the last stored batch: nothing is lost, and a batch stored but not yet checkpointed is
@@ -14,6 +15,18 @@ event log are its checkpoint and the run's counters committed to SQLite, togethe
 Checkpoints belong to a (connector, source) pair: the next run of the same pair resumes where
 the last one stopped, whatever its outcome, unless it asks for a full refresh. A connector that
 raises fails its run with the error's message; it never takes ingestion down.
+
+Where runs are kept. On the embedded backend the store is a SQLite file under ingestion's data
+directory, this process's alone: runs it finds active when it opens were left so by its own
+last stop. On the ``postgres`` backend it is a schema of the shared database, so runs and
+checkpoints survive a pod's restart and every replica sees every run. A run is then executed by
+the replica that started it (its ``owner``), which marks its active runs alive every
+:data:`HEARTBEAT_SECONDS`; a run whose heartbeat is older than :data:`STALE_AFTER_SECONDS` (its
+replica was killed) is failed as interrupted by any replica, and can be started again to resume.
+"One active run per source" holds across replicas: ``start`` checks the store, in the
+transaction that records the run. A cancel request received by another replica is stored and
+reaches the owner at its next heartbeat or checkpoint. A run failed that way by another replica
+never moves its checkpoint again: its next commit finds it no longer RUNNING and stops.
 """
 
 from __future__ import annotations
@@ -24,12 +37,12 @@ import json
 import logging
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from pathlib import Path
 from typing import Any, TypeVar
 
 from profilemesh.ingestion.v1 import record_pb2
@@ -43,6 +56,8 @@ from profilemesh.shared.errors import (
     ResourceExhausted,
 )
 from profilemesh.shared.extension_points import Checkpoint, SourceBatch, SourceConnector
+from profilemesh.shared.log.sqlite_store import SqliteConsumerStore
+from profilemesh.shared.log.stores import StoreOpener
 from profilemesh.shared.plugin_manager import PluginSet
 from profilemesh.shared.record_rows import record_from_item
 from profilemesh.shared.segment_json import event_bytes
@@ -61,6 +76,21 @@ INTERRUPTED = (
     "interrupted: ingestion stopped before the run finished; start the run again to resume "
     "from its last checkpoint"
 )
+
+SUPERSEDED = (
+    "the run was taken for interrupted (no heartbeat from its replica) and stopped; start the "
+    "run again to resume from its last checkpoint"
+)
+
+STORE_NAME = "source_runs"
+"""The consumer store runs live in (``source_runs.sqlite`` on the embedded backend)."""
+
+HEARTBEAT_SECONDS = 5.0
+"""How often a replica sharing the store marks its active runs alive and reads cancel requests."""
+
+STALE_AFTER_SECONDS = 60.0
+"""How old the heartbeat of an active run in a shared store is when its replica is taken for
+gone and the run is failed as interrupted."""
 
 _T = TypeVar("_T")
 
@@ -138,31 +168,71 @@ class _Cancelled(Exception):
     """A cancel request reached the run between two checkpoints."""
 
 
-class SourceRuns:
-    """Starts, tracks and cancels source runs; their state lives in a SQLite file."""
+class _Superseded(Exception):
+    """Another replica failed the run as interrupted: it must not go on."""
 
-    def __init__(self, database: Path, plugins: PluginSet, intake: Intake) -> None:
+
+class SourceRuns:
+    """Starts, tracks and cancels source runs; their state lives in the store ``source_runs``
+    that ``stores`` opens (see the module's description)."""
+
+    def __init__(
+        self,
+        stores: StoreOpener,
+        plugins: PluginSet,
+        intake: Intake,
+        *,
+        heartbeat_seconds: float = HEARTBEAT_SECONDS,
+        stale_after_seconds: float = STALE_AFTER_SECONDS,
+    ) -> None:
         self.plugins = plugins
         self.intake = intake
-        self._store = _RunStore(database)
+        self.owner = uuid.uuid4().hex
+        """This instance, as the owner of the runs it executes."""
+        self.heartbeat_seconds = heartbeat_seconds
+        self._store = _RunStore(stores, self.owner, stale_after_seconds)
         self._active: dict[str, _ActiveRun] = {}
         self._starting = asyncio.Lock()  # one start at a time: "one active run per source"
+        self._heartbeat: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
         """Open the store; runs left PENDING or RUNNING by a crash become FAILED (interrupted),
-        so that they can be started again and resume. Call once, before serving."""
+        so that they can be started again and resume (in a shared store, only those whose
+        heartbeat stopped). Call once, before serving."""
         failed = await asyncio.to_thread(self._store.open, INTERRUPTED, _now())
         if failed:
             log.warning("source runs interrupted by the last stop", extra={"runs": failed})
+        if self._store.shared:
+            self._heartbeat = asyncio.create_task(self._beat(), name="source-runs-heartbeat")
 
     async def close(self) -> None:
         """Stop every active run now (each becomes FAILED, interrupted, resumable) and close
         the store."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
+            self._heartbeat = None
         runs = list(self._active.values())
         for run in runs:
             run.task.cancel()
         await asyncio.gather(*(run.task for run in runs), return_exceptions=True)
         await asyncio.to_thread(self._store.close)
+
+    async def _beat(self) -> None:
+        """Mark this replica's active runs alive; pass on cancel requests other replicas took."""
+        while True:
+            await asyncio.sleep(self.heartbeat_seconds)
+            try:
+                cancelled = await asyncio.to_thread(
+                    self._store.heartbeat, list(self._active), _now()
+                )
+            except Exception:
+                log.exception("the source runs' heartbeat failed; will retry")
+                continue
+            for run_id in cancelled:
+                run = self._active.get(run_id)
+                if run is not None:
+                    run.stop_requested.set()
 
     async def start(
         self,
@@ -211,7 +281,8 @@ class SourceRuns:
                 state=RunState.PENDING,
                 created_at=_now(),
             )
-            await asyncio.to_thread(self._store.insert, info, stored_config)
+            # The store refuses the run too if another replica has one of ``source`` active.
+            await asyncio.to_thread(self._store.insert, info, stored_config, _now())
             run = _ActiveRun(info, instance)
             run.task = asyncio.create_task(self._execute(run), name=f"source-run-{info.run_id}")
             self._active[info.run_id] = run
@@ -250,10 +321,13 @@ class SourceRuns:
 
     async def cancel(self, run_id: str) -> SourceRunInfo:
         """Ask an active run to stop at its next checkpoint; returns the run as it is now
-        (still RUNNING until then). A finished run is returned unchanged."""
+        (still RUNNING until then). A finished run is returned unchanged. A run another
+        replica executes gets the request through the store."""
         run = self._active.get(run_id)
         if run is not None:
             run.stop_requested.set()
+        else:
+            await asyncio.to_thread(self._store.request_cancel, run_id)
         return await self.get(run_id)
 
     async def wait(self, run_id: str) -> SourceRunInfo:
@@ -282,6 +356,10 @@ class SourceRuns:
             state, error = RunState.FAILED, INTERRUPTED
             await self._finish(info, state, error)
             raise
+        except _Superseded:
+            log.warning("source run taken over as interrupted", extra={"run_id": info.run_id})
+            self._active.pop(info.run_id, None)
+            return
         except Exception as failure:  # the connector's or intake's; never the service's
             state, error = RunState.FAILED, _describe(failure)
             log.warning(
@@ -295,7 +373,7 @@ class SourceRuns:
         try:
             error = self._withheld(error)
             await asyncio.to_thread(self._store.finish, info.run_id, state, error, _now())
-        except sqlite3.Error:
+        except Exception:  # SQLite's or PostgreSQL's: the run is left to the interrupted sweep
             log.exception("recording the end of source run %s failed", info.run_id)
         finally:
             # Only once the final state is stored: until then ``wait`` must find the run
@@ -359,7 +437,9 @@ class SourceRuns:
                 Rejection(self._withheld(r.where), self._withheld(r.description))
                 for r in progress.rejections
             ]
-        await asyncio.to_thread(self._store.commit, info, progress, checkpoint)
+        cancel_requested = await asyncio.to_thread(self._store.commit, info, progress, checkpoint)
+        if cancel_requested:
+            run.stop_requested.set()
 
     async def _send_events(
         self, run: _ActiveRun, items: Sequence[Mapping[str, Any]], first: int, progress: _Progress
@@ -600,7 +680,10 @@ CREATE TABLE IF NOT EXISTS runs (
     error TEXT NOT NULL DEFAULT '',
     created_at REAL NOT NULL,
     started_at REAL,
-    finished_at REAL
+    finished_at REAL,
+    owner TEXT NOT NULL DEFAULT '',
+    heartbeat_at REAL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS runs_by_source ON runs (source, seq);
 CREATE TABLE IF NOT EXISTS checkpoints (
@@ -619,42 +702,83 @@ _COLUMNS = (
 )
 
 
-class _RunStore:
-    """Runs and checkpoints in SQLite (WAL, synchronous=FULL: a committed checkpoint survives
-    a power cut). Blocking; called through ``asyncio.to_thread``, one call at a time."""
+_ADDED_COLUMNS = (
+    ("owner", "TEXT NOT NULL DEFAULT ''"),
+    ("heartbeat_at", "REAL"),
+    ("cancel_requested", "INTEGER NOT NULL DEFAULT 0"),
+)
+"""Columns added since the first version of ``runs``: stores made before gain them."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._db: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
+_ACTIVE = (RunState.PENDING, RunState.RUNNING)
+
+
+class _RunStore:
+    """Runs and checkpoints in a consumer store (on SQLite: WAL, synchronous=FULL, a committed
+    checkpoint survives a power cut). Blocking; called through ``asyncio.to_thread``."""
+
+    def __init__(self, stores: StoreOpener, owner: str, stale_after_seconds: float) -> None:
+        self.stores = stores
+        self.owner = owner
+        self.stale_after_seconds = stale_after_seconds
+        self._store: SqliteConsumerStore | None = None
+
+    @property
+    def shared(self) -> bool:
+        """Whether other replicas keep their runs in the same store."""
+        return bool(getattr(self._store, "shared", False))
 
     def open(self, interrupted: str, now: datetime) -> int:
-        """Create the tables; fail runs left active by an earlier process. How many were."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        # Erased texts are overwritten, not left in free pages (see :meth:`scrub`).
-        db.execute("PRAGMA secure_delete=ON")
-        db.executescript(_SCHEMA)
-        self._db = db
-        with self._transaction() as tx:
-            return tx.execute(
-                "UPDATE runs SET state = ?, error = ?, finished_at = ? WHERE state IN (?, ?)",
-                (RunState.FAILED, interrupted, now.timestamp(), RunState.PENDING, RunState.RUNNING),
-            ).rowcount
+        """Create the tables; fail runs left active by an earlier process (in a shared store,
+        those whose heartbeat stopped). How many were."""
+        store = self.stores(STORE_NAME)
+        try:
+            store.schema(_SCHEMA)
+            for column, declaration in _ADDED_COLUMNS:
+                store.ensure_column("runs", column, declaration)
+        except BaseException:
+            store.close()
+            raise
+        self._store = store
+        with store.transaction() as tx:
+            return self._fail_interrupted(tx, interrupted, now, everyone=not self.shared)
+
+    def _fail_interrupted(
+        self, tx: sqlite3.Connection, interrupted: str, now: datetime, *, everyone: bool
+    ) -> int:
+        """Fail the active runs nobody executes any more: all of them (``everyone``: the
+        store is this process's alone), else those whose heartbeat stopped."""
+        statement = "UPDATE runs SET state = ?, error = ?, finished_at = ? WHERE state IN (?, ?)"
+        parameters: tuple[object, ...] = (RunState.FAILED, interrupted, now.timestamp(), *_ACTIVE)
+        if not everyone:
+            statement += " AND (heartbeat_at IS NULL OR heartbeat_at < ?)"
+            parameters += (now.timestamp() - self.stale_after_seconds,)
+        return int(tx.execute(statement, parameters).rowcount)
 
     def close(self) -> None:
-        with self._lock:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
+        if self._store is not None:
+            self._store.close()
+            self._store = None
 
-    def insert(self, info: SourceRunInfo, config: str) -> None:
-        with self._transaction() as tx:
+    def insert(self, info: SourceRunInfo, config: str, now: datetime) -> None:
+        """Record a new run of this owner; ``FailedPrecondition`` (nothing recorded) while a
+        run of the same source is active in the store, whichever replica executes it."""
+        with self._open_store().transaction() as tx:
+            if self.shared:
+                self._fail_interrupted(tx, INTERRUPTED, now, everyone=False)
+            active = tx.execute(
+                "SELECT run_id FROM runs WHERE source = ? AND state IN (?, ?) LIMIT 1",
+                (info.source, *_ACTIVE),
+            ).fetchone()
+            if active is not None:
+                raise FailedPrecondition(
+                    f"run {active[0]} of source {info.source!r} is still active; wait for "
+                    "it or cancel it",
+                    reason="SOURCE_RUN_ACTIVE",
+                    metadata={"run_id": active[0]},
+                )
             tx.execute(
                 "INSERT INTO runs (run_id, connector, source, full_refresh, config, state, "
-                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "created_at, owner, heartbeat_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     info.run_id,
                     info.connector,
@@ -663,23 +787,55 @@ class _RunStore:
                     config,
                     info.state,
                     info.created_at.timestamp(),
+                    self.owner,
+                    now.timestamp(),
                 ),
             )
 
     def started(self, run_id: str, now: datetime) -> None:
-        with self._transaction() as tx:
+        with self._open_store().transaction() as tx:
             tx.execute(
-                "UPDATE runs SET state = ?, started_at = ? WHERE run_id = ?",
-                (RunState.RUNNING, now.timestamp(), run_id),
+                "UPDATE runs SET state = ?, started_at = ?, heartbeat_at = ? WHERE run_id = ?",
+                (RunState.RUNNING, now.timestamp(), now.timestamp(), run_id),
             )
 
-    def commit(self, info: SourceRunInfo, progress: _Progress, checkpoint: str) -> None:
-        """The batch is durable: store its checkpoint and the counters, in one transaction."""
-        rejections = json.dumps([[r.where, r.description] for r in progress.rejections])
-        with self._transaction() as tx:
+    def heartbeat(self, run_ids: Sequence[str], now: datetime) -> list[str]:
+        """Mark the runs this replica executes alive; those of them another replica asked to
+        stop."""
+        if not run_ids:
+            return []
+        placeholders = ", ".join("?" for _ in run_ids)
+        with self._open_store().transaction() as tx:
             tx.execute(
+                f"UPDATE runs SET heartbeat_at = ? WHERE run_id IN ({placeholders}) "
+                "AND owner = ? AND state IN (?, ?)",
+                (now.timestamp(), *run_ids, self.owner, *_ACTIVE),
+            )
+            rows = tx.execute(
+                f"SELECT run_id FROM runs WHERE run_id IN ({placeholders}) "
+                "AND cancel_requested = 1",
+                tuple(run_ids),
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    def request_cancel(self, run_id: str) -> None:
+        """Ask the replica executing ``run_id`` to stop it (if it is still active)."""
+        with self._open_store().transaction() as tx:
+            tx.execute(
+                "UPDATE runs SET cancel_requested = 1 WHERE run_id = ? AND state IN (?, ?)",
+                (run_id, *_ACTIVE),
+            )
+
+    def commit(self, info: SourceRunInfo, progress: _Progress, checkpoint: str) -> bool:
+        """The batch is durable: store its checkpoint and the counters, in one transaction.
+        Whether a cancel request came through the store; :class:`_Superseded` (nothing
+        stored) if the run is no longer RUNNING."""
+        rejections = json.dumps([[r.where, r.description] for r in progress.rejections])
+        with self._open_store().transaction() as tx:
+            updated = tx.execute(
                 "UPDATE runs SET items_read = ?, items_accepted = ?, items_duplicate = ?, "
-                "items_rejected = ?, checkpoint = ?, rejections = ? WHERE run_id = ?",
+                "items_rejected = ?, checkpoint = ?, rejections = ?, heartbeat_at = ? "
+                "WHERE run_id = ? AND state = ?",
                 (
                     progress.read,
                     progress.accepted,
@@ -687,29 +843,41 @@ class _RunStore:
                     progress.rejected,
                     checkpoint,
                     rejections,
+                    time.time(),
                     info.run_id,
+                    RunState.RUNNING,
                 ),
-            )
+            ).rowcount
+            if not updated:
+                raise _Superseded(info.run_id)
             tx.execute(
                 "INSERT INTO checkpoints (connector, source, checkpoint, run_id) "
                 "VALUES (?, ?, ?, ?) ON CONFLICT (connector, source) DO UPDATE SET "
                 "checkpoint = excluded.checkpoint, run_id = excluded.run_id",
                 (info.connector, info.source, checkpoint, info.run_id),
             )
+            [cancel_requested] = tx.execute(
+                "SELECT cancel_requested FROM runs WHERE run_id = ?", (info.run_id,)
+            ).fetchone()
+        return bool(cancel_requested)
 
     def finish(self, run_id: str, state: RunState, error: str, now: datetime) -> None:
-        with self._transaction() as tx:
+        """End an active run (one another replica already failed as interrupted stays so)."""
+        with self._open_store().transaction() as tx:
             tx.execute(
-                "UPDATE runs SET state = ?, error = ?, finished_at = ? WHERE run_id = ?",
-                (state, error, now.timestamp(), run_id),
+                "UPDATE runs SET state = ?, error = ?, finished_at = ? "
+                "WHERE run_id = ? AND state IN (?, ?)",
+                (state, error, now.timestamp(), run_id, *_ACTIVE),
             )
 
     def scrub(self, mentions: Callable[[str], bool]) -> int:
         """Erase what ``mentions`` flags: rejection reasons and errors (overwritten), items and
         values of a configuration (an inline source's items), checkpoints (forgotten). How
-        many runs changed. Then the WAL is emptied, so no copy of the old text is left."""
+        many runs changed. Then, on SQLite, the WAL is emptied, so no copy of the old text is
+        left (deleted and rewritten rows are overwritten: ``secure_delete``)."""
         changed: set[str] = set()
-        with self._transaction() as tx:
+        store = self._open_store()
+        with store.transaction() as tx:
             rows = tx.execute("SELECT run_id, config, rejections, error, checkpoint FROM runs")
             for run_id, config, rejections, error, checkpoint in rows.fetchall():
                 if not mentions(f"{config}\n{rejections}\n{error}\n{checkpoint}"):
@@ -738,16 +906,15 @@ class _RunStore:
                         (connector, source),
                     )
                     changed.add(run_id)
-        with self._lock:
-            self._connection().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        store.scrub()
         return len(changed)
 
     def checkpoint(self, connector: str, source: str) -> Checkpoint | None:
-        row = self._query(
+        rows = self._query(
             "SELECT checkpoint FROM checkpoints WHERE connector = ? AND source = ?",
             (connector, source),
         )
-        return json.loads(row[0][0]) if row else None
+        return json.loads(rows[0][0]) if rows else None
 
     def get(self, run_id: str) -> SourceRunInfo | None:
         rows = self._query(f"SELECT {_COLUMNS} FROM runs WHERE run_id = ?", (run_id,))
@@ -771,28 +938,18 @@ class _RunStore:
         rows = self._query(
             f"SELECT {_COLUMNS} FROM runs {where} ORDER BY seq DESC LIMIT ?", (*parameters, limit)
         )
-        return [(row[0], _info(row)) for row in rows]
-
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            db = self._connection()
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+        return [(int(row[0]), _info(row)) for row in rows]
 
     def _query(self, statement: str, parameters: Sequence[object]) -> list[tuple[Any, ...]]:
-        with self._lock:
-            return self._connection().execute(statement, parameters).fetchall()
+        def query(db: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            return [tuple(row) for row in db.execute(statement, parameters).fetchall()]
 
-    def _connection(self) -> sqlite3.Connection:
-        if self._db is None:
+        return self._open_store().read(query)
+
+    def _open_store(self) -> SqliteConsumerStore:
+        if self._store is None:
             raise RuntimeError("the source run store is not open: call SourceRuns.open() first")
-        return self._db
+        return self._store
 
 
 def _erased(value: Any, mentions: Callable[[str], bool]) -> Any:

@@ -6,26 +6,36 @@ fingerprint: see :mod:`profilemesh.shared.identifier_mentions`) is acknowledged 
 like any other, so that the sender learns nothing, but never reaches the event log; operators
 see how many items were dropped.
 
-The list is a SQLite file under ingestion's data directory (WAL, ``synchronous=FULL``,
-``secure_delete``): a suppression is durable before the call returns, and a removed one is
-overwritten, not left in a free page or the WAL. It holds SHA-256 digests of fingerprints,
-never identifiers. The digests are also kept in memory; with none, intake does no work at all.
+The list is ingestion's consumer store ``suppressions`` (:mod:`profilemesh.shared.log.stores`).
+On the embedded backend that is a SQLite file under ingestion's data directory (WAL,
+``synchronous=FULL``, ``secure_delete``): a suppression is durable before the call returns,
+and a removed one is overwritten, not left in a free page or the WAL. On the ``postgres``
+backend it is a schema of the shared database, so it survives a pod's restart and every
+replica of ingestion enforces the same list. It holds SHA-256 digests of fingerprints, never
+identifiers.
+
+The digests are also kept in memory; with none, intake does no work at all. Each change of
+the list bumps a version counter in the same transaction; :meth:`SuppressionList.refresh` reads
+that one row and reloads the digests only when it moved. The replica that made a change
+enforces it at once; on a shared store the others call ``refresh`` every
+:data:`REFRESH_SECONDS` (see :mod:`.domain`), so they enforce it within about a second. The
+dropped counter is a row of the same store: every replica adds to it and reads the total.
 """
 
 from __future__ import annotations
 
-import contextlib
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol, TypeVar
 
 from profilemesh.ingestion.v1 import event_log_pb2
 from profilemesh.shared.errors import InvalidArgument
 from profilemesh.shared.identifier_mentions import hashed_fingerprints, item_mentions, text_mentions
+from profilemesh.shared.log.sqlite_store import SqliteConsumerStore
+from profilemesh.shared.log.stores import StoreOpener
 
 MAX_IDENTIFIERS = 1000
 """Identifiers per request, as identity's own suppression RPCs allow."""
@@ -45,6 +55,14 @@ CREATE TABLE IF NOT EXISTS counters (
 ) WITHOUT ROWID;
 """
 _DROPPED = "dropped"
+_VERSION = "version"
+"""Bumped by every change of ``suppressed``: what :meth:`SuppressionList.refresh` watches."""
+
+STORE_NAME = "suppressions"
+"""The consumer store the list lives in (``suppressions.sqlite`` on the embedded backend)."""
+
+REFRESH_SECONDS = 1.0
+"""How often a replica sharing the list with others looks for their changes."""
 
 
 class _Item(Protocol):
@@ -84,39 +102,57 @@ def fingerprints_of(values: Sequence[str], field: str = "identifiers") -> list[s
 
 
 class SuppressionList:
-    """The suppressed fingerprints (in ``database`` and in memory) and the dropped count.
+    """The suppressed fingerprints (in the store and in memory) and the dropped count.
 
-    Blocking methods (``open``, ``suppress``, ``unsuppress``, ``count_dropped``, ``stats``) are
-    meant for a worker thread; :meth:`split` is the intake's, on its event loop.
+    Blocking methods (``open``, ``refresh``, ``suppress``, ``unsuppress``, ``count_dropped``,
+    ``stats``) are meant for a worker thread; :meth:`split` is the intake's, on its event loop.
     """
 
-    def __init__(self, database: Path | None) -> None:
-        """A list stored in ``database``; ``None`` for one that stays empty and is never
-        opened (an intake used on its own)."""
-        self.database = database
+    def __init__(self, stores: StoreOpener | None) -> None:
+        """A list kept in the store ``suppressions`` that ``stores`` opens; ``None`` for one
+        that stays empty and is never opened (an intake used on its own)."""
+        self.stores = stores
         self.hashes: frozenset[str] = frozenset()
-        self._db: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
+        self._store: SqliteConsumerStore | None = None
+        self._version = -1
+        # Held while the in-memory digests are replaced, so that a refresh reading an older
+        # snapshot never overwrites what a suppression of this replica has just added.
+        self._memory = threading.Lock()
 
     def open(self) -> None:
-        """Create or open the file and load the digests."""
-        if self.database is None:
-            raise RuntimeError("this suppression list has no file")
-        self.database.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.database, check_same_thread=False, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute("PRAGMA secure_delete=ON")
-        db.executescript(_SCHEMA)
-        self._db = db
-        rows = db.execute("SELECT fingerprint_sha256 FROM suppressed").fetchall()
-        self.hashes = frozenset(row[0] for row in rows)
+        """Open (or create) the store and load the digests."""
+        if self.stores is None:
+            raise RuntimeError("this suppression list has no store")
+        store = self.stores(STORE_NAME)
+        try:
+            store.schema(_SCHEMA)
+        except BaseException:
+            store.close()
+            raise
+        self._store = store
+        self.refresh()
+
+    @property
+    def shared(self) -> bool:
+        """Whether other replicas change the same list (then :meth:`refresh` is needed)."""
+        return bool(getattr(self._store, "shared", False))
+
+    def refresh(self) -> bool:
+        """Reload the digests if the list changed since they were loaded (by another replica
+        sharing the store); whether it had. One small read when nothing changed."""
+        store = self._open_store()
+        with self._memory:
+            version = store.read(_version)
+            if version == self._version:
+                return False
+            version, hashes = store.read(_digests)
+            self.hashes, self._version = hashes, version
+        return True
 
     def close(self) -> None:
-        with self._lock:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
+        if self._store is not None:
+            self._store.close()
+            self._store = None
 
     # -- intake ------------------------------------------------------------------------------
 
@@ -162,7 +198,7 @@ class SuppressionList:
             reason = WITHHELD
         now = time.time_ns()
         added = 0
-        with self._transaction() as tx:
+        with self._open_store().transaction() as tx:
             for hashes in per_value:
                 new = 0
                 for digest in hashes:
@@ -172,14 +208,18 @@ class SuppressionList:
                         (digest, reason, now),
                     ).rowcount
                 added += bool(new)
-        self.hashes = self.hashes | every
+            if added:
+                _bump_version(tx)
+        with self._memory:
+            self.hashes = self.hashes | every
         return added
 
     def unsuppress(self, values: Sequence[str]) -> int:
         """Stop suppressing identifier ``values``; how many of them were suppressed."""
         per_value = fingerprints_of(values)
         removed = 0
-        with self._transaction() as tx:
+        store = self._open_store()
+        with store.transaction() as tx:
             for hashes in per_value:
                 gone = 0
                 for digest in hashes:
@@ -187,13 +227,18 @@ class SuppressionList:
                         "DELETE FROM suppressed WHERE fingerprint_sha256 = ?", (digest,)
                     ).rowcount
                 removed += bool(gone)
-        self.hashes = self.hashes.difference(*per_value)
-        self._checkpoint()
+            if removed:
+                _bump_version(tx)
+        with self._memory:
+            self.hashes = self.hashes.difference(*per_value)
+        # On SQLite: copies the WAL into the file and empties it, so no page image of a removed
+        # row is left (deleted rows are overwritten: ``secure_delete``).
+        store.scrub()
         return removed
 
     def count_dropped(self, count: int) -> None:
         """Add ``count`` items to the dropped counter, durably."""
-        with self._transaction() as tx:
+        with self._open_store().transaction() as tx:
             tx.execute(
                 "INSERT INTO counters (name, value) VALUES (?, ?) "
                 "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
@@ -201,31 +246,36 @@ class SuppressionList:
             )
 
     def stats(self) -> SuppressionStats:
-        """The number of suppressed fingerprints and of dropped items, as committed."""
-        with self._lock:
-            db = self._connection()
+        """The number of suppressed fingerprints and of dropped items, as committed (by every
+        replica sharing the store)."""
+
+        def query(db: sqlite3.Connection) -> SuppressionStats:
             [(suppressed,)] = db.execute("SELECT count(*) FROM suppressed").fetchall()
             row = db.execute("SELECT value FROM counters WHERE name = ?", (_DROPPED,)).fetchone()
-        return SuppressionStats(suppressed, row[0] if row else 0)
+            return SuppressionStats(int(suppressed), int(row[0]) if row else 0)
 
-    def _checkpoint(self) -> None:
-        # Copies the WAL into the file and empties it: no page image of a removed row is left.
-        with self._lock:
-            self._connection().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return self._open_store().read(query)
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            db = self._connection()
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._db is None:
+    def _open_store(self) -> SqliteConsumerStore:
+        if self._store is None:
             raise RuntimeError("the suppression list is not open")
-        return self._db
+        return self._store
+
+
+def _bump_version(tx: sqlite3.Connection) -> None:
+    tx.execute(
+        "INSERT INTO counters (name, value) VALUES (?, 1) "
+        "ON CONFLICT (name) DO UPDATE SET value = value + 1",
+        (_VERSION,),
+    )
+
+
+def _version(db: sqlite3.Connection) -> int:
+    row = db.execute("SELECT value FROM counters WHERE name = ?", (_VERSION,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _digests(db: sqlite3.Connection) -> tuple[int, frozenset[str]]:
+    """The version and the digests, read in one snapshot (the caller's read transaction)."""
+    rows = db.execute("SELECT fingerprint_sha256 FROM suppressed").fetchall()
+    return _version(db), frozenset(row[0] for row in rows)

@@ -97,7 +97,7 @@ class Scoring:
 
     async def open(self, changes: Log, feature_changes: LogReader) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._registry = ModelRegistry(self.data_dir / "registry.sqlite")
+        self._registry = ModelRegistry(self.stores("registry"))
         self._models = ModelsInUse(self._registry)
         store = self.stores("scoring")
         store.schema(rescoring.SCHEMA)

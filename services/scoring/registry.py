@@ -3,20 +3,21 @@
 A version is its ``ModelVersion`` message (definition, feature schema, data window, metrics,
 baseline, importances) plus its artefacts: the LightGBM text model and the calibrator. Versions
 are numbered per model; promotion to champion is explicit and exclusive. Clusterings are
-versioned the same way. Everything lives in one SQLite file next to the service's log.
+versioned the same way. Everything lives in the service's ``registry`` store: a SQLite file
+next to the service's log on the embedded backend, the schema ``profilemesh_scoring_registry``
+on the ``postgres`` one, where every replica (and a restarted pod) finds the same models.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from profilemesh.scoring.v1 import clustering_pb2, model_pb2
 from profilemesh.shared.errors import FailedPrecondition, InvalidArgument, NotFound
+from profilemesh.shared.log.sqlite_store import SqliteConsumerStore
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS model_versions (
@@ -55,18 +56,16 @@ class StoredClustering:
 
 
 class ModelRegistry:
-    """Model versions and clusterings in one SQLite file; safe to call from several threads."""
+    """Model versions and clusterings in a consumer store (``open_store(settings, "scoring",
+    "registry")``), which it owns and closes; safe to call from several threads, and from
+    several replicas on a shared store: its write transactions exclude each other."""
 
-    def __init__(self, path: Path) -> None:
-        self._connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._connection.execute("PRAGMA journal_mode=WAL")
-        self._connection.execute("PRAGMA synchronous=FULL")
-        self._connection.executescript(SCHEMA)
-        self._lock = threading.Lock()
+    def __init__(self, store: SqliteConsumerStore) -> None:
+        self._store = store
+        store.schema(SCHEMA)
 
     def close(self) -> None:
-        with self._lock:
-            self._connection.close()
+        self._store.close()
 
     # -- models -------------------------------------------------------------------------------
 
@@ -75,73 +74,69 @@ class ModelRegistry:
     ) -> model_pb2.ModelVersion:
         """Store a new version of ``metadata.model`` (numbered here) and return it. The first
         version of a model becomes its champion; later ones wait for a promotion."""
-        with self._lock:
-            connection = self._connection
-            connection.execute("BEGIN IMMEDIATE")
-            try:
-                kinds = {
-                    row[0]
-                    for row in connection.execute(
-                        "SELECT DISTINCT kind FROM model_versions WHERE model = ?",
-                        (metadata.model,),
-                    )
-                }
-                if kinds and kinds != {metadata.kind}:
-                    raise InvalidArgument.for_field(
-                        "label.kind",
-                        f"model {metadata.model!r} is of another kind; use another name",
-                    )
-                [(latest,)] = connection.execute(
-                    "SELECT coalesce(max(version), 0) FROM model_versions WHERE model = ?",
+        with self._store.transaction() as connection:
+            kinds = {
+                row[0]
+                for row in connection.execute(
+                    "SELECT DISTINCT kind FROM model_versions WHERE model = ?",
                     (metadata.model,),
-                ).fetchall()
-                stored = model_pb2.ModelVersion()
-                stored.CopyFrom(metadata)
-                stored.version = str(latest + 1)
-                stored.champion = latest == 0
-                stored.state = model_pb2.MODEL_STATE_READY
-                connection.execute(
-                    "INSERT INTO model_versions VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        stored.model,
-                        latest + 1,
-                        stored.kind,
-                        stored.SerializeToString(),
-                        booster_text,
-                        json.dumps(calibration),
-                        int(stored.champion),
-                    ),
                 )
-                connection.execute("COMMIT")
-            except BaseException:
-                connection.execute("ROLLBACK")
-                raise
+            }
+            if kinds and kinds != {metadata.kind}:
+                raise InvalidArgument.for_field(
+                    "label.kind",
+                    f"model {metadata.model!r} is of another kind; use another name",
+                )
+            [(latest,)] = connection.execute(
+                "SELECT coalesce(max(version), 0) FROM model_versions WHERE model = ?",
+                (metadata.model,),
+            ).fetchall()
+            stored = model_pb2.ModelVersion()
+            stored.CopyFrom(metadata)
+            stored.version = str(latest + 1)
+            stored.champion = latest == 0
+            stored.state = model_pb2.MODEL_STATE_READY
+            connection.execute(
+                "INSERT INTO model_versions"
+                " (model, version, kind, metadata, booster, calibration, champion)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    stored.model,
+                    latest + 1,
+                    stored.kind,
+                    stored.SerializeToString(),
+                    booster_text,
+                    json.dumps(calibration),
+                    int(stored.champion),
+                ),
+            )
         return stored
 
     def kind_of(self, model: str) -> int | None:
-        with self._lock:
-            row = self._connection.execute(
+        row = self._store.read(
+            lambda c: c.execute(
                 "SELECT kind FROM model_versions WHERE model = ? LIMIT 1", (model,)
             ).fetchone()
+        )
         return None if row is None else int(row[0])
 
     def get(self, model: str, version: str = "") -> StoredModel:
         """A version (the champion when ``version`` is empty); NotFound otherwise."""
-        with self._lock:
-            if version:
-                if not version.isdigit():
-                    raise InvalidArgument.for_field("version", "versions are whole numbers")
-                row = self._connection.execute(
-                    "SELECT metadata, booster, calibration, champion FROM model_versions"
-                    " WHERE model = ? AND version = ?",
-                    (model, int(version)),
-                ).fetchone()
-            else:
-                row = self._connection.execute(
-                    "SELECT metadata, booster, calibration, champion FROM model_versions"
-                    " WHERE model = ? AND champion = 1",
-                    (model,),
-                ).fetchone()
+        if version:
+            if not version.isdigit():
+                raise InvalidArgument.for_field("version", "versions are whole numbers")
+            query = (
+                "SELECT metadata, booster, calibration, champion FROM model_versions"
+                " WHERE model = ? AND version = ?"
+            )
+            arguments: tuple[Any, ...] = (model, int(version))
+        else:
+            query = (
+                "SELECT metadata, booster, calibration, champion FROM model_versions"
+                " WHERE model = ? AND champion = 1"
+            )
+            arguments = (model,)
+        row = self._store.read(lambda c: c.execute(query, arguments).fetchone())
         if row is None:
             what = f"model {model!r}" + (f" version {version}" if version else "")
             raise NotFound(f"no {what}", violations=[("model", "unknown")])
@@ -162,21 +157,21 @@ class ModelRegistry:
         if champions_only:
             query += " AND champion = 1"
         query += " ORDER BY model, version DESC"
-        with self._lock:
-            rows = self._connection.execute(query, arguments).fetchall()
+        rows = self._store.read(lambda c: c.execute(query, arguments).fetchall())
         found = []
         for metadata, champion in rows:
-            message = model_pb2.ModelVersion.FromString(metadata)
+            message = model_pb2.ModelVersion.FromString(bytes(metadata))
             message.champion = bool(champion)
             found.append(message)
         return found
 
     def champions(self) -> list[StoredModel]:
-        with self._lock:
-            rows = self._connection.execute(
+        rows = self._store.read(
+            lambda c: c.execute(
                 "SELECT metadata, booster, calibration, champion FROM model_versions"
                 " WHERE champion = 1 ORDER BY model"
             ).fetchall()
+        )
         return [_stored(row) for row in rows]
 
     def promote(self, model: str, version: str) -> tuple[model_pb2.ModelVersion, str]:
@@ -186,22 +181,17 @@ class ModelRegistry:
             raise FailedPrecondition(
                 "only a READY version can be promoted", violations=[("version", "not ready")]
             )
-        with self._lock:
-            connection = self._connection
-            connection.execute("BEGIN IMMEDIATE")
-            try:
-                row = connection.execute(
-                    "SELECT version FROM model_versions WHERE model = ? AND champion = 1",
-                    (model,),
-                ).fetchone()
-                connection.execute(
-                    "UPDATE model_versions SET champion = (version = ?) WHERE model = ?",
-                    (int(version), model),
-                )
-                connection.execute("COMMIT")
-            except BaseException:
-                connection.execute("ROLLBACK")
-                raise
+        with self._store.transaction() as connection:
+            row = connection.execute(
+                "SELECT version FROM model_versions WHERE model = ? AND champion = 1",
+                (model,),
+            ).fetchone()
+            # CASE rather than a bare comparison: PostgreSQL's is a boolean, not 0 or 1.
+            connection.execute(
+                "UPDATE model_versions SET champion = CASE WHEN version = ? THEN 1 ELSE 0 END"
+                " WHERE model = ?",
+                (int(version), model),
+            )
         promoted = model_pb2.ModelVersion()
         promoted.CopyFrom(stored.metadata)
         promoted.champion = True
@@ -212,61 +202,55 @@ class ModelRegistry:
     def register_clustering(
         self, metadata: clustering_pb2.Clustering, model: dict[str, Any]
     ) -> clustering_pb2.Clustering:
-        with self._lock:
-            connection = self._connection
-            connection.execute("BEGIN IMMEDIATE")
-            try:
-                [(latest,)] = connection.execute(
-                    "SELECT coalesce(max(version), 0) FROM clusterings WHERE name = ?",
-                    (metadata.name,),
-                ).fetchall()
-                stored = clustering_pb2.Clustering()
-                stored.CopyFrom(metadata)
-                stored.version = str(latest + 1)
-                connection.execute(
-                    "INSERT INTO clusterings VALUES (?, ?, ?, ?)",
-                    (stored.name, latest + 1, stored.SerializeToString(), json.dumps(model)),
-                )
-                connection.execute("COMMIT")
-            except BaseException:
-                connection.execute("ROLLBACK")
-                raise
+        with self._store.transaction() as connection:
+            [(latest,)] = connection.execute(
+                "SELECT coalesce(max(version), 0) FROM clusterings WHERE name = ?",
+                (metadata.name,),
+            ).fetchall()
+            stored = clustering_pb2.Clustering()
+            stored.CopyFrom(metadata)
+            stored.version = str(latest + 1)
+            connection.execute(
+                "INSERT INTO clusterings (name, version, metadata, model) VALUES (?, ?, ?, ?)",
+                (stored.name, latest + 1, stored.SerializeToString(), json.dumps(model)),
+            )
         return stored
 
     def clustering(self, name: str, version: str = "") -> StoredClustering:
-        with self._lock:
-            if version:
-                if not version.isdigit():
-                    raise InvalidArgument.for_field("version", "versions are whole numbers")
-                row = self._connection.execute(
-                    "SELECT metadata, model FROM clusterings WHERE name = ? AND version = ?",
-                    (name, int(version)),
-                ).fetchone()
-            else:
-                row = self._connection.execute(
-                    "SELECT metadata, model FROM clusterings WHERE name = ?"
-                    " ORDER BY version DESC LIMIT 1",
-                    (name,),
-                ).fetchone()
+        if version:
+            if not version.isdigit():
+                raise InvalidArgument.for_field("version", "versions are whole numbers")
+            query = "SELECT metadata, model FROM clusterings WHERE name = ? AND version = ?"
+            arguments: tuple[Any, ...] = (name, int(version))
+        else:
+            query = (
+                "SELECT metadata, model FROM clusterings WHERE name = ?"
+                " ORDER BY version DESC LIMIT 1"
+            )
+            arguments = (name,)
+        row = self._store.read(lambda c: c.execute(query, arguments).fetchone())
         if row is None:
             raise NotFound(f"no clustering {name!r}", violations=[("name", "unknown")])
-        return StoredClustering(clustering_pb2.Clustering.FromString(row[0]), json.loads(row[1]))
+        return StoredClustering(
+            clustering_pb2.Clustering.FromString(bytes(row[0])), json.loads(row[1])
+        )
 
     def latest_clusterings(self) -> list[StoredClustering]:
         """The latest version of every clustering (what profiles are assigned to)."""
-        with self._lock:
-            rows = self._connection.execute(
+        rows = self._store.read(
+            lambda c: c.execute(
                 "SELECT c.metadata, c.model FROM clusterings c JOIN (SELECT name,"
                 " max(version) AS version FROM clusterings GROUP BY name) l"
                 " ON c.name = l.name AND c.version = l.version ORDER BY c.name"
             ).fetchall()
+        )
         return [
-            StoredClustering(clustering_pb2.Clustering.FromString(m), json.loads(j))
+            StoredClustering(clustering_pb2.Clustering.FromString(bytes(m)), json.loads(j))
             for m, j in rows
         ]
 
 
-def _stored(row: tuple[bytes, str, str, int]) -> StoredModel:
-    metadata = model_pb2.ModelVersion.FromString(row[0])
+def _stored(row: sqlite3.Row | tuple[Any, ...]) -> StoredModel:
+    metadata = model_pb2.ModelVersion.FromString(bytes(row[0]))
     metadata.champion = bool(row[3])
-    return StoredModel(metadata, row[1], json.loads(row[2]))
+    return StoredModel(metadata, str(row[1]), json.loads(row[2]))

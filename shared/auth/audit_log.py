@@ -1,10 +1,16 @@
-"""The audit log of one service: every call it served, append-only and hash-chained, in SQLite.
+"""The audit log of one service: every call it served, append-only and hash-chained.
 
-Append-only: triggers abort every UPDATE and DELETE of an entry. Hash-chained: each entry
-stores the SHA-256 of the previous entry's hash and its own fields, so an entry changed or
-removed by going around the triggers (editing the file) breaks the chain, which
-:meth:`AuditLog.verify_chain` finds. Removing the newest entries leaves a valid, shorter chain:
-compare ``entries_checked`` with an earlier check to notice that.
+It lives in the service's ``audit`` store: ``<data_dir>/<service>/audit.sqlite`` on the
+embedded backend, the schema ``profilemesh_<service>_audit`` on the ``postgres`` one, where the
+service's replicas append to one chain (each batch numbers its entries after the last committed
+one, under the store's write lock) and a restarted pod loses nothing.
+
+Append-only: triggers abort every UPDATE and DELETE of an entry (and, in PostgreSQL, a
+TRUNCATE). Hash-chained: each entry stores the SHA-256 of the previous entry's hash and its own
+fields, so an entry changed or removed by going around the triggers (editing the file, dropping
+a trigger) breaks the chain, which :meth:`AuditLog.verify_chain` finds. Removing the newest
+entries leaves a valid, shorter chain: compare ``entries_checked`` with an earlier check to
+notice that.
 
 Calls never wait on the disk: :meth:`AuditLog.record` queues the entry and a background thread
 writes the queue in batches, every ``flush_interval`` seconds or sooner when it grows. The cost
@@ -22,10 +28,15 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import astuple, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, LiteralString, TypeVar
+
+from profilemesh.shared.log.postgres_store import PostgresConsumerStore
+from profilemesh.shared.log.sqlite_store import SqliteConsumerStore
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +62,8 @@ CREATE TABLE IF NOT EXISTS audit_entries (
 );
 CREATE INDEX IF NOT EXISTS audit_entries_by_time ON audit_entries (time_us);
 CREATE INDEX IF NOT EXISTS audit_entries_by_token ON audit_entries (token_id, sequence);
+"""
+_SQLITE_APPEND_ONLY = """
 CREATE TRIGGER IF NOT EXISTS audit_entries_no_update BEFORE UPDATE ON audit_entries
 BEGIN
     SELECT RAISE(ABORT, 'the audit log is append-only');
@@ -60,6 +73,24 @@ BEGIN
     SELECT RAISE(ABORT, 'the audit log is append-only');
 END;
 """
+# PL/pgSQL, which the SQLite dialect cannot express: run as it is, in the store's schema (its
+# connections' search_path), on every open, so a dropped trigger comes back.
+_POSTGRES_APPEND_ONLY: tuple[LiteralString, ...] = (
+    """CREATE OR REPLACE FUNCTION audit_entries_append_only() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+    BEGIN
+        RAISE EXCEPTION 'the audit log is append-only';
+    END
+    $$""",
+    # Dropped and made again in one transaction (CREATE OR REPLACE TRIGGER needs PostgreSQL 14).
+    "DROP TRIGGER IF EXISTS audit_entries_no_change ON audit_entries",
+    """CREATE TRIGGER audit_entries_no_change BEFORE UPDATE OR DELETE
+    ON audit_entries FOR EACH ROW EXECUTE FUNCTION audit_entries_append_only()""",
+    "DROP TRIGGER IF EXISTS audit_entries_no_truncate ON audit_entries",
+    """CREATE TRIGGER audit_entries_no_truncate BEFORE TRUNCATE
+    ON audit_entries FOR EACH STATEMENT EXECUTE FUNCTION audit_entries_append_only()""",
+)
+_LAST = "SELECT sequence, hash FROM audit_entries ORDER BY sequence DESC LIMIT 1"
 _COLUMNS = (
     "sequence, time_us, service, method, token_id, token_name, peer, status_code, duration_us, hash"
 )
@@ -116,17 +147,18 @@ def chain_hash(previous: str, sequence: int, record: AuditRecord) -> str:
 
 
 class AuditLog:
-    """The audit log in ``path``; see the module docstring."""
+    """The audit log in the store ``source`` opens (or in a SQLite file); see the module
+    docstring. The store is opened by :meth:`open` and closed by :meth:`close`."""
 
     def __init__(
         self,
-        path: Path,
+        source: Path | Callable[[], SqliteConsumerStore],
         service: str,
         *,
         flush_interval: float = 0.2,
         max_pending: int = 100_000,
     ) -> None:
-        self.path = path
+        self.source = source
         self.service = service
         self.flush_interval = flush_interval
         self.max_pending = max_pending
@@ -138,24 +170,11 @@ class AuditLog:
         self._stopping = False
         self._flush_requested = False
         self._thread: threading.Thread | None = None
-        self._db: sqlite3.Connection | None = None
-        self._last_sequence = 0
-        self._last_hash = GENESIS_HASH
+        self._store: SqliteConsumerStore | None = None
 
     def open(self) -> None:
-        """Create the file, its table and triggers when missing, and start the writer."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("PRAGMA busy_timeout=5000")
-        db.executescript(_SCHEMA)
-        last = db.execute(
-            "SELECT sequence, hash FROM audit_entries ORDER BY sequence DESC LIMIT 1"
-        ).fetchone()
-        if last is not None:
-            self._last_sequence, self._last_hash = int(last[0]), str(last[1])
-        self._db = db
+        """Open the store, create its table and triggers when missing, and start the writer."""
+        self._store = self._open_store()
         self._stopping = False
         self._thread = threading.Thread(
             target=self._write_loop, name=f"audit-{self.service}", daemon=True
@@ -194,9 +213,23 @@ class AuditLog:
             self._cond.notify_all()
         thread.join()
         self._thread = None
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        store, self._store = self._store, None
+        if store is not None:
+            store.close()
+
+    def _open_store(self) -> SqliteConsumerStore:
+        source = self.source
+        if isinstance(source, Path):
+            source.parent.mkdir(parents=True, exist_ok=True)
+            store = SqliteConsumerStore(source)
+        else:
+            store = source()
+        try:
+            _prepare(store)
+        except BaseException:
+            store.close()
+            raise
+        return store
 
     def _write_loop(self) -> None:
         while True:
@@ -221,29 +254,28 @@ class AuditLog:
         if dropped:
             log.error("the audit writer fell behind; %d entries were dropped", dropped)
             batch = [self._gap_marker(dropped), *batch]
-        sequence, previous = self._last_sequence, self._last_hash
-        rows = []
-        for record in batch:
-            sequence += 1
-            previous = chain_hash(previous, sequence, record)
-            rows.append((sequence, *astuple(record), previous))
-        assert self._db is not None
+        assert self._store is not None
         try:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany(
-                f"INSERT INTO audit_entries ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
-            self._db.execute("COMMIT")
-        except sqlite3.Error:
-            log.exception("writing %d audit entries failed", len(rows))
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
+            # The chain continues from the last committed entry, read under the store's write
+            # lock: replicas sharing the store append to one chain.
+            with self._store.transaction() as tx:
+                last = tx.execute(_LAST).fetchone()
+                sequence, previous = (0, GENESIS_HASH) if last is None else (last[0], last[1])
+                sequence, previous = int(sequence), str(previous)
+                rows = []
+                for record in batch:
+                    sequence += 1
+                    previous = chain_hash(previous, sequence, record)
+                    rows.append((sequence, *astuple(record), previous))
+                tx.executemany(
+                    f"INSERT INTO audit_entries ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+        except Exception:  # whichever backend's error: the writer must keep going
+            log.exception("writing %d audit entries failed", len(batch))
             with self._cond:
                 # Counted as dropped, so the next write marks the gap.
                 self._dropped += len(batch) - (1 if dropped else 0) + dropped
-            return
-        self._last_sequence, self._last_hash = sequence, previous
 
     def _gap_marker(self, dropped: int) -> AuditRecord:
         return AuditRecord(
@@ -257,32 +289,44 @@ class AuditLog:
             duration_us=0,
         )
 
-    def _reader(self) -> sqlite3.Connection:
-        # Its own read-only connection: reads never wait for the writer (WAL).
-        return sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
+    def _read(self, query: Callable[[sqlite3.Connection], T], empty: T) -> T:
+        """``query`` in a read transaction of the store (reads never wait for the writer);
+        a log that is not open is opened for it, ``empty`` when its file does not exist."""
+        store = self._store
+        if store is not None:
+            return store.read(query)
+        if isinstance(self.source, Path) and not self.source.exists():
+            return empty
+        store = self._open_store()
+        try:
+            return store.read(query)
+        finally:
+            store.close()
 
     def query(self, query: AuditQuery) -> list[AuditEntry]:
         """The entries ``query`` selects, newest first (at most ``query.page_size``)."""
         where, params = _conditions(query)
         sql = f"SELECT {_COLUMNS} FROM audit_entries{where} ORDER BY sequence DESC LIMIT ?"
-        if not self.path.exists():
-            return []
-        db = self._reader()
-        try:
-            rows = db.execute(sql, [*params, query.page_size]).fetchall()
-        finally:
-            db.close()
+        empty: list[Any] = []
+        rows = self._read(lambda db: db.execute(sql, [*params, query.page_size]).fetchall(), empty)
         return [_entry(row) for row in rows]
 
     def verify_chain(self) -> ChainCheck:
         """Recompute every entry's hash from the one before it."""
-        if not self.path.exists():
-            return ChainCheck(valid=True, entries_checked=0)
-        db = self._reader()
-        try:
-            return _check(_entries(db))
-        finally:
-            db.close()
+        return self._read(
+            lambda db: _check(_entries(db)), ChainCheck(valid=True, entries_checked=0)
+        )
+
+
+def _prepare(store: SqliteConsumerStore | PostgresConsumerStore) -> None:
+    """Create the table, its indexes and the triggers keeping it append-only."""
+    if isinstance(store, PostgresConsumerStore):
+        store.schema(_SCHEMA)
+        with store.transaction() as tx:
+            for statement in _POSTGRES_APPEND_ONLY:
+                tx.connection.execute(statement)
+    else:
+        store.schema(_SCHEMA + _SQLITE_APPEND_ONLY)
 
 
 def _conditions(query: AuditQuery) -> tuple[str, list[Any]]:
@@ -323,6 +367,6 @@ def _check(entries: Iterator[AuditEntry]) -> ChainCheck:
     return ChainCheck(valid=True, entries_checked=checked)
 
 
-def _entry(row: tuple[Any, ...]) -> AuditEntry:
+def _entry(row: Any) -> AuditEntry:
     sequence, *fields, digest = row
     return AuditEntry(int(sequence), AuditRecord(*fields), str(digest))

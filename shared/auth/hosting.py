@@ -15,16 +15,19 @@ from profilemesh.shared.auth.audit_servicer import AuditServicer, audit_service_
 from profilemesh.shared.auth.guard import AccessGuard
 from profilemesh.shared.auth.verifier import RemoteVerifier, TokenVerifier
 from profilemesh.shared.channel import channel_to
+from profilemesh.shared.log import stores
 from profilemesh.shared.service_app import ServiceApp
 from profilemesh.shared.settings import Settings
 
-AUDIT_FILE = "audit.sqlite"
+AUDIT_STORE = "audit"
+"""The store holding a service's audit log: ``<data_dir>/<service>/audit.sqlite`` on the
+embedded backend, the schema ``profilemesh_<service>_audit`` on the ``postgres`` one."""
 
 
 def guard_app(app: ServiceApp, settings: Settings) -> AccessGuard:
     """Give ``app`` its audit log, the ``AuditService`` and the access guard; returns the
     guard."""
-    audit = AuditLog(settings.service_data_dir(app.name) / AUDIT_FILE, app.name)
+    audit = AuditLog(lambda: stores.open_store(settings, app.name, AUDIT_STORE), app.name)
     verifier: TokenVerifier | None = None
     if settings.auth.enabled:
         verifier = app.token_verifier or RemoteVerifier(

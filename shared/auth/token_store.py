@@ -1,10 +1,12 @@
-"""The API tokens the mesh accepts, kept by the identity service in one SQLite file.
+"""The API tokens the mesh accepts, kept by the identity service in its ``tokens`` store.
 
-The store keeps each token's SHA-256, never the token: a copy of the file gives no usable
-token. ``secure_delete`` overwrites freed pages, so nothing of a removed row lingers on disk.
-Identity verifies its callers against this file directly, so a revocation takes effect there
-at once; ``profilemesh tokens --offline`` writes it before anything runs (WAL lets both use it
-at the same time).
+On the embedded backend that is one SQLite file (``<data_dir>/identity/tokens.sqlite``); on the
+``postgres`` backend the schema ``profilemesh_identity_tokens``, shared by identity's replicas
+and outliving its pods. The store keeps each token's SHA-256, never the token: a copy of the
+data gives no usable token. SQLite's ``secure_delete`` overwrites freed pages, so nothing of a
+removed row lingers in the file. Identity verifies its callers against the store directly, so a
+revocation takes effect there at once (in every replica); ``profilemesh tokens --offline``
+writes it before anything runs (WAL lets both use the file at the same time).
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import enum
 import json
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from profilemesh.shared.auth.caller import Caller
 from profilemesh.shared.auth.scopes import ADMIN, unknown_scopes
 from profilemesh.shared.auth.tokens import digests_match, generate_token, token_digest, token_id_of
 from profilemesh.shared.errors import FailedPrecondition, InvalidArgument, NotFound
+from profilemesh.shared.log import stores
+from profilemesh.shared.log.sqlite_store import SqliteConsumerStore
 from profilemesh.shared.settings import Settings
 
 BOOTSTRAP_NAME = "bootstrap"
@@ -42,8 +45,14 @@ CREATE TABLE IF NOT EXISTS api_tokens (
 
 
 def token_store_path(settings: Settings) -> Path:
-    """Where identity keeps the tokens: ``<data_dir>/identity/tokens.sqlite``."""
+    """Where identity keeps the tokens on the embedded backend:
+    ``<data_dir>/identity/tokens.sqlite``."""
     return settings.service_data_dir("identity") / "tokens.sqlite"
+
+
+def token_store(settings: Settings, *, clock: Callable[[], float] = time.time) -> TokenStore:
+    """Identity's token store on the backend ``settings`` choose (not opened yet)."""
+    return TokenStore(lambda: stores.open_store(settings, "identity", "tokens"), clock=clock)
 
 
 class TokenStatus(enum.Enum):
@@ -81,31 +90,44 @@ class Verdict:
 
 
 class TokenStore:
-    """Create, revoke, list and check API tokens. Safe to use from several threads."""
+    """Create, revoke, list and check API tokens. Safe to use from several threads, and from
+    several processes sharing the backing store.
 
-    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
-        self.path = path
+    ``source`` is a SQLite file, or how to open the backing consumer store
+    (:func:`token_store` opens the one the settings choose); it is opened by :meth:`open`.
+    """
+
+    def __init__(
+        self,
+        source: Path | Callable[[], SqliteConsumerStore],
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._source = source
         self._clock = clock
-        self._lock = threading.Lock()
-        self._db: sqlite3.Connection | None = None
+        self._store: SqliteConsumerStore | None = None
 
     def open(self) -> TokenStore:
-        """Create the file and its table when missing; returns the store."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA secure_delete=ON")
-        db.execute("PRAGMA busy_timeout=5000")
-        db.executescript(_SCHEMA)
-        self._db = db
+        """Open the backing store and create the table when missing; returns the store."""
+        source = self._source
+        if isinstance(source, Path):
+            source.parent.mkdir(parents=True, exist_ok=True)
+            store = SqliteConsumerStore(source)
+        else:
+            store = source()
+        try:
+            store.schema(_SCHEMA)
+        except BaseException:
+            store.close()
+            raise
+        self._store = store
         return self
 
     def close(self) -> None:
-        """Close the file."""
-        with self._lock:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
+        """Close the backing store."""
+        store, self._store = self._store, None
+        if store is not None:
+            store.close()
 
     def __enter__(self) -> TokenStore:
         return self.open()
@@ -113,10 +135,15 @@ class TokenStore:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _conn(self) -> sqlite3.Connection:
-        if self._db is None:
+    def _backing(self) -> SqliteConsumerStore:
+        if self._store is None:
             raise FailedPrecondition("the token store is not open")
-        return self._db
+        return self._store
+
+    def _row(self, token_id: str) -> Any:
+        return self._backing().read(
+            lambda c: c.execute(_SELECT + " WHERE token_id = ?", (token_id,)).fetchone()
+        )
 
     def create(
         self, name: str, scopes: Sequence[str], *, ttl_seconds: float | None = None
@@ -145,48 +172,38 @@ class TokenStore:
         if token_id is None:
             raise InvalidArgument("the token is not of the form pm_<token_id>_<secret>")
         _check_new(name, scopes, None)
-        with self._lock:
-            row = self._conn().execute(_SELECT + " WHERE token_id = ?", (token_id,)).fetchone()
-        if row is not None:
-            if not digests_match(row[6], token_digest(token)):
-                raise FailedPrecondition(f"another token has the id {token_id}")
-            return _record(row)
-        record = TokenRecord(token_id, name, tuple(scopes), self._clock())
-        self._insert(record, token_digest(token))
+        # One transaction: replicas starting together with the same token add it once.
+        with self._backing().transaction() as tx:
+            row = tx.execute(_SELECT + " WHERE token_id = ?", (token_id,)).fetchone()
+            if row is not None:
+                if not digests_match(row[6], token_digest(token)):
+                    raise FailedPrecondition(f"another token has the id {token_id}")
+                return _record(row)
+            record = TokenRecord(token_id, name, tuple(scopes), self._clock())
+            _insert(tx, record, token_digest(token))
         return record
 
     def _insert(self, record: TokenRecord, digest: str) -> None:
-        with self._lock:
-            self._conn().execute(
-                "INSERT INTO api_tokens (token_id, name, scopes, sha256, created_at, expires_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    record.token_id,
-                    record.name,
-                    json.dumps(list(record.scopes)),
-                    digest,
-                    record.created_at,
-                    record.expires_at,
-                ),
-            )
+        with self._backing().transaction() as tx:
+            _insert(tx, record, digest)
 
     def revoke(self, token_id: str) -> TokenRecord:
         """Revoke a token (again: a no-op); :class:`NotFound` for an unknown id."""
-        with self._lock:
-            db = self._conn()
-            db.execute(
+        with self._backing().transaction() as tx:
+            tx.execute(
                 "UPDATE api_tokens SET revoked_at = ? WHERE token_id = ? AND revoked_at IS NULL",
                 (self._clock(), token_id),
             )
-            row = db.execute(_SELECT + " WHERE token_id = ?", (token_id,)).fetchone()
+            row = tx.execute(_SELECT + " WHERE token_id = ?", (token_id,)).fetchone()
         if row is None:
             raise NotFound(f"no token {token_id!r}", violations=[("token_id", "unknown token")])
         return _record(row)
 
     def tokens(self, *, include_inactive: bool = False) -> list[TokenRecord]:
         """The tokens, newest first; only usable ones unless ``include_inactive``."""
-        with self._lock:
-            rows = self._conn().execute(_SELECT + " ORDER BY created_at DESC").fetchall()
+        rows = self._backing().read(
+            lambda c: c.execute(_SELECT + " ORDER BY created_at DESC").fetchall()
+        )
         records = [_record(row) for row in rows]
         if include_inactive:
             return records
@@ -198,8 +215,7 @@ class TokenStore:
         token_id = token_id_of(token)
         if token_id is None:
             return Verdict(TokenStatus.MALFORMED)
-        with self._lock:
-            row = self._conn().execute(_SELECT + " WHERE token_id = ?", (token_id,)).fetchone()
+        row = self._row(token_id)
         # The digest is computed even for an unknown id, so timing does not tell ids apart.
         digest = token_digest(token)
         if row is None or not digests_match(row[6], digest):
@@ -217,7 +233,22 @@ _SELECT = (
 )
 
 
-def _record(row: tuple[Any, ...]) -> TokenRecord:
+def _insert(tx: sqlite3.Connection, record: TokenRecord, digest: str) -> None:
+    tx.execute(
+        "INSERT INTO api_tokens (token_id, name, scopes, sha256, created_at, expires_at)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (
+            record.token_id,
+            record.name,
+            json.dumps(list(record.scopes)),
+            digest,
+            record.created_at,
+            record.expires_at,
+        ),
+    )
+
+
+def _record(row: Any) -> TokenRecord:
     token_id, name, scopes, created_at, expires_at, revoked_at, _ = row
     return TokenRecord(
         token_id=str(token_id),
