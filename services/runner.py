@@ -9,6 +9,8 @@ import sys
 
 from profilemesh.shared.auth.hosting import guard_app
 from profilemesh.shared.json_logging import configure_logging
+from profilemesh.shared.log.postgres_store import PostgresUnreachable
+from profilemesh.shared.log.stores import BackendNotConfigured
 from profilemesh.shared.metrics import MetricsPortInUse, configure_metrics
 from profilemesh.shared.server import ListenError, create_server, serve
 from profilemesh.shared.service_app import ServiceApp
@@ -67,7 +69,7 @@ def serve_main(
     try:
         configure_metrics(settings, service)
         asyncio.run(run_service(service, settings, port=port, parent_pid=parent_pid))
-    except (ListenError, MetricsPortInUse) as error:
+    except (ListenError, MetricsPortInUse, BackendNotConfigured, PostgresUnreachable) as error:
         log.error("%s", error)
         return 2
     return 0

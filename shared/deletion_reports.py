@@ -12,7 +12,6 @@ which identity treats idempotently; nothing can make it go missing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sqlite3
 import time
@@ -23,6 +22,7 @@ import grpc
 from profilemesh.common.v1 import job_pb2
 from profilemesh.identity.v1 import identity_service_pb2, identity_service_pb2_grpc
 from profilemesh.shared.log.sqlite_store import SqliteConsumerStore
+from profilemesh.shared.supervision import repeat_when_notified
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +73,12 @@ class DeletionReporter:
     async def run(self) -> None:
         """Report until cancelled."""
         try:
-            while True:
-                self._wake.clear()
-                done = await self.report_owed()
-                timeout = RETRY_SECONDS if not done else 5 * RETRY_SECONDS
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout)
+            await repeat_when_notified(
+                self.report_owed,
+                self._wake,
+                retry_seconds=RETRY_SECONDS,
+                idle_seconds=5 * RETRY_SECONDS,
+            )
         finally:
             if self._channel is not None:
                 await self._channel.close()

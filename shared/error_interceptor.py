@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-import inspect
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -24,6 +24,7 @@ from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from profilemesh.shared.errors import ERROR_DOMAIN, DomainError, InvalidArgument, ResourceExhausted
+from profilemesh.shared.method_wrapping import rewrap
 from profilemesh.shared.telemetry import current_trace_id
 from profilemesh.shared.wire_problems import locate
 
@@ -147,56 +148,19 @@ async def _decoded_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
 
 def wrap_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
     """A copy of ``handler`` whose behaviour turns exceptions into statuses."""
-    decoded = _decoded_stream if handler.request_streaming else _decoded
-    deserializer = request_decoder(handler.request_deserializer)
-    if handler.response_streaming:
-        behavior = handler.unary_stream or handler.stream_stream
 
-        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            try:
-                result = behavior(decoded(request), context)
-                if hasattr(result, "__aiter__"):
-                    async for response in result:
-                        yield response
-                elif inspect.isawaitable(result):  # a coroutine that writes with context.write()
-                    await result
-                else:
-                    for response in result:
-                        yield response
-            except Exception as error:
-                if _is_abort(error):
-                    raise
-                await _abort_for(error, context, method)
-
-        factory = (
-            grpc.unary_stream_rpc_method_handler
-            if handler.unary_stream
-            else grpc.stream_stream_rpc_method_handler
-        )
-        return factory(
-            streaming,
-            request_deserializer=deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-    behavior = handler.unary_unary or handler.stream_unary
-
-    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    @contextlib.asynccontextmanager
+    async def statuses(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         try:
-            result = behavior(decoded(request), context)
-            return await result if inspect.isawaitable(result) else result
+            yield
         except Exception as error:
             if _is_abort(error):
                 raise
             await _abort_for(error, context, method)
 
-    factory = (
-        grpc.unary_unary_rpc_method_handler
-        if handler.unary_unary
-        else grpc.stream_unary_rpc_method_handler
-    )
-    return factory(
-        unary,
-        request_deserializer=deserializer,
-        response_serializer=handler.response_serializer,
+    return rewrap(
+        handler,
+        statuses,
+        prepare=_decoded_stream if handler.request_streaming else _decoded,
+        request_deserializer=request_decoder(handler.request_deserializer),
     )

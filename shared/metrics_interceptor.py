@@ -9,13 +9,14 @@ interceptor, so a domain error is counted with the status it became.
 from __future__ import annotations
 
 import asyncio
-import inspect
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 
+from profilemesh.shared.method_wrapping import rewrap
 from profilemesh.shared.metrics import rpc_server_duration
 
 
@@ -55,60 +56,15 @@ def _record(
 
 
 def _timed(handler: grpc.RpcMethodHandler, attributes: dict[str, str]) -> grpc.RpcMethodHandler:
-    if handler.response_streaming:
-        streaming = handler.unary_stream or handler.stream_stream
-
-        async def timed_stream(
-            request: Any, context: grpc.aio.ServicerContext
-        ) -> AsyncIterator[Any]:
-            started, error = time.perf_counter(), None
-            try:
-                result = streaming(request, context)
-                if hasattr(result, "__aiter__"):
-                    async for response in result:
-                        yield response
-                elif inspect.isawaitable(result):  # writes with context.write()
-                    await result
-                else:
-                    for response in result:
-                        yield response
-            except BaseException as raised:
-                error = raised
-                raise
-            finally:
-                _record(started, context, error, attributes)
-
-        factory = (
-            grpc.unary_stream_rpc_method_handler
-            if handler.unary_stream
-            else grpc.stream_stream_rpc_method_handler
-        )
-        return factory(
-            timed_stream,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-    unary = handler.unary_unary or handler.stream_unary
-
-    async def timed_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    @contextlib.asynccontextmanager
+    async def timer(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         started, error = time.perf_counter(), None
         try:
-            result = unary(request, context)
-            return await result if inspect.isawaitable(result) else result
+            yield
         except BaseException as raised:
             error = raised
             raise
         finally:
             _record(started, context, error, attributes)
 
-    factory = (
-        grpc.unary_unary_rpc_method_handler
-        if handler.unary_unary
-        else grpc.stream_unary_rpc_method_handler
-    )
-    return factory(
-        timed_unary,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+    return rewrap(handler, timer)

@@ -47,3 +47,20 @@ async def stop_background(
             await outbox.flush()
         except Exception:
             log.exception("publishing the outbox at shutdown failed")
+
+
+async def repeat_when_notified(
+    work: Callable[[], Awaitable[bool]],
+    wake: asyncio.Event,
+    *,
+    retry_seconds: float,
+    idle_seconds: float,
+) -> None:
+    """Run ``work`` now, then again whenever ``wake`` is set, until cancelled: sooner
+    (``retry_seconds``) after a pass that left something to retry (``work`` returned False),
+    else at the latest after ``idle_seconds``, in case a notice was missed."""
+    while True:
+        wake.clear()
+        done = await work()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), idle_seconds if done else retry_seconds)

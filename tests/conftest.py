@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import random
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -88,6 +88,15 @@ def spans() -> Iterator[InMemorySpanExporter]:
     _SPANS.clear()
 
 
+@pytest.fixture
+async def mesh(mesh_settings: Settings) -> AsyncIterator[Mesh]:
+    """The five services running in this process (a module may define its own ``mesh``)."""
+    running = await Mesh(mesh_settings).start()
+    yield running
+    await running.stop()
+
+
 # The store-backend fixtures (``stores``, ``postgres_server``), for any test module. Imported last:
 # tests.store_backends imports free_port from here.
+from tests.running_service import Mesh  # noqa: E402
 from tests.store_backends import postgres_server, stores  # noqa: E402, F401

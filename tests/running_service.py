@@ -62,3 +62,27 @@ class RunningIngestion(RunningService):
     async def start(self) -> RunningIngestion:
         await super().start()
         return self
+
+
+class Mesh:
+    """The five services in this process, each on the port the settings give it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.services = [
+            RunningIngestion(settings, port=settings.services.ingestion.port),
+            *(
+                RunningService(settings, name, settings.services.of(name).port)
+                for name in ("identity", "features", "scoring", "activation")
+            ),
+        ]
+
+    async def start(self) -> Mesh:
+        for service in self.services:
+            await service.start()
+        return self
+
+    async def stop(self) -> None:
+        for service in reversed(self.services):
+            if service.server is not None:
+                await service.stop()

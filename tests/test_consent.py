@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 import pytest
@@ -19,21 +19,9 @@ from profilemesh.identity.v1 import identity_service_pb2 as identity_pb2
 from profilemesh.identity.v1 import identity_service_pb2_grpc
 from profilemesh.ingestion.v1 import event_pb2, ingestion_service_pb2, ingestion_service_pb2_grpc
 from profilemesh.shared.channel import create_channel
-from profilemesh.shared.settings import Settings
-from tests.test_end_to_end import Mesh
+from tests.running_service import Mesh
 
 CAROL = identifier_pb2.Identifier(type="email", value="Carol@Example.com")
-
-
-@pytest.fixture
-async def mesh(mesh_settings: Settings) -> AsyncIterator[Mesh]:
-    running = Mesh(mesh_settings)
-    for service in running.services:
-        await service.start()
-    yield running
-    for service in reversed(running.services):
-        if service.server is not None:
-            await service.stop()
 
 
 def at(seconds_ago: float) -> timestamp_pb2.Timestamp:

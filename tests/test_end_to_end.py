@@ -12,7 +12,6 @@ import os
 import random
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -32,33 +31,10 @@ from profilemesh.scoring.v1 import scoring_service_pb2_grpc
 from profilemesh.shared.channel import create_channel
 from profilemesh.shared.settings import Settings
 from tests.receivers import SECRET, SmtpReceiver, WebhookReceiver, eventually
-from tests.running_service import RunningIngestion, RunningService
+from tests.running_service import Mesh
 from tests.test_scoring_service import caught_up, churn_request, customer_events, trained
 
 CUSTOMERS = 150
-
-
-class Mesh:
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.services = [
-            RunningIngestion(settings, port=settings.services.ingestion.port),
-            *(
-                RunningService(settings, name, settings.services.of(name).port)
-                for name in ("identity", "features", "scoring", "activation")
-            ),
-        ]
-
-
-@pytest.fixture
-async def mesh(mesh_settings: Settings) -> AsyncIterator[Mesh]:
-    running = Mesh(mesh_settings)
-    for service in running.services:
-        await service.start()
-    yield running
-    for service in reversed(running.services):
-        if service.server is not None:
-            await service.stop()
 
 
 def ident(kind: str, value: str) -> identifier_pb2.Identifier:

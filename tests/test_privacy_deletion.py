@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -28,7 +27,8 @@ from profilemesh.services.cli import main
 from profilemesh.shared.channel import create_channel
 from profilemesh.shared.settings import Settings
 from tests.receivers import SECRET, WebhookReceiver, eventually
-from tests.test_end_to_end import Mesh, send
+from tests.running_service import Mesh
+from tests.test_end_to_end import send
 
 
 class Person:
@@ -78,17 +78,6 @@ class Person:
 
 ALICE = Person("alice", "Alice", "Liddell", "+31 6 1234 5678")
 BOB = Person("bob", "Robert", "Zimmerman", "+31 6 8765 4321")
-
-
-@pytest.fixture
-async def mesh(mesh_settings: Settings) -> AsyncIterator[Mesh]:
-    running = Mesh(mesh_settings)
-    for service in running.services:
-        await service.start()
-    yield running
-    for service in reversed(running.services):
-        if service.server is not None:
-            await service.stop()
 
 
 def files_containing(root: Path, needles: list[bytes]) -> dict[str, list[str]]:

@@ -36,6 +36,7 @@ from profilemesh.services.identity.identifiers import Identifier
 from profilemesh.shared.log.api import Log, RecordBatch
 from profilemesh.shared.log.outbox import Outbox
 from profilemesh.shared.log.sqlite_store import SqliteConsumerStore
+from profilemesh.shared.supervision import repeat_when_notified
 
 log = logging.getLogger(__name__)
 
@@ -156,11 +157,9 @@ class Driver:
 
     async def run(self) -> None:
         try:
-            while True:
-                self._wake.clear()
-                done = await self.work()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), RETRY_SECONDS if not done else 30)
+            await repeat_when_notified(
+                self.work, self._wake, retry_seconds=RETRY_SECONDS, idle_seconds=30
+            )
         finally:
             if self._channel is not None:
                 await self._channel.close()

@@ -16,7 +16,7 @@ request is never decoded.
 from __future__ import annotations
 
 import asyncio
-import inspect
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -35,6 +35,7 @@ from profilemesh.shared.auth.outbound import AUTHORIZATION
 from profilemesh.shared.auth.scopes import grants, is_audited, is_open, required_scope
 from profilemesh.shared.auth.verifier import TokenVerifier
 from profilemesh.shared.errors import DomainError, PermissionDenied, Unauthenticated, Unavailable
+from profilemesh.shared.method_wrapping import rewrap
 
 log = logging.getLogger(__name__)
 
@@ -145,58 +146,16 @@ def _guarded(
 ) -> grpc.RpcMethodHandler:
     """A copy of ``handler`` that fails with ``refused`` or runs as ``caller``, and records
     how the call ended."""
-    # A refused call's request bytes are passed through undecoded.
-    deserializer = None if refused is not None else handler.request_deserializer
-    if handler.response_streaming:
-        behavior = handler.unary_stream or handler.stream_stream
 
-        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            reset = set_current_caller(caller)
-            status = "OK"
-            try:
-                if refused is not None:
-                    raise refused
-                result = behavior(request, context)
-                if hasattr(result, "__aiter__"):
-                    async for response in result:
-                        yield response
-                elif inspect.isawaitable(result):  # a coroutine that writes with context.write()
-                    await result
-                else:
-                    for response in result:
-                        yield response
-                status = _set_code(context)
-            except BaseException as error:
-                status = _status_of(error, context)
-                raise
-            finally:
-                reset_current_caller(reset)
-                if record is not None:
-                    record(_peer(context), status)
-
-        factory = (
-            grpc.unary_stream_rpc_method_handler
-            if handler.unary_stream
-            else grpc.stream_stream_rpc_method_handler
-        )
-        return factory(
-            streaming,
-            request_deserializer=deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-    unary_behavior = handler.unary_unary or handler.stream_unary
-
-    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    @contextlib.asynccontextmanager
+    async def guarded(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         reset = set_current_caller(caller)
         status = "OK"
         try:
             if refused is not None:
                 raise refused
-            result = unary_behavior(request, context)
-            response = await result if inspect.isawaitable(result) else result
+            yield
             status = _set_code(context)
-            return response
         except BaseException as error:
             status = _status_of(error, context)
             raise
@@ -205,16 +164,9 @@ def _guarded(
             if record is not None:
                 record(_peer(context), status)
 
-    factory = (
-        grpc.unary_unary_rpc_method_handler
-        if handler.unary_unary
-        else grpc.stream_unary_rpc_method_handler
-    )
-    return factory(
-        unary,
-        request_deserializer=deserializer,
-        response_serializer=handler.response_serializer,
-    )
+    # A refused call's request bytes are passed through undecoded.
+    deserializer = None if refused is not None else handler.request_deserializer
+    return rewrap(handler, guarded, request_deserializer=deserializer)
 
 
 def _status_of(error: BaseException, context: grpc.aio.ServicerContext) -> str:

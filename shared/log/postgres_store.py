@@ -42,7 +42,7 @@ from typing import Any, ClassVar, LiteralString, TypeVar
 import psycopg
 from psycopg import sql as pgsql
 from psycopg.conninfo import conninfo_to_dict
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from profilemesh.shared.log.consumer import ConsumerStore
 from profilemesh.shared.log.sql_dialect import Dialect, Translation, UntranslatableSql
@@ -239,6 +239,16 @@ def advisory_key(schema: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
+class PostgresUnreachable(RuntimeError):
+    """The store could not reach its PostgreSQL server when it opened."""
+
+
+def _where(dsn: str) -> str:
+    """Host, port and database of ``dsn``, without its password."""
+    parts = conninfo_to_dict(dsn)
+    return ", ".join(f"{k}={parts[k]}" for k in ("host", "port", "dbname") if parts.get(k))
+
+
 class PostgresConsumerStore(ConsumerStore[PostgresConnection]):
     """A :class:`ConsumerStore` in one schema of a PostgreSQL database, with the same public
     surface as the SQLite store: ``schema``, ``ensure_column``, ``transaction``, ``read``,
@@ -288,6 +298,12 @@ class PostgresConsumerStore(ConsumerStore[PostgresConnection]):
         try:
             self._pool.open(wait=pool_min > 0, timeout=connect_timeout_seconds)
             self._bootstrap()
+        except PoolTimeout:
+            self._pool.close()
+            raise PostgresUnreachable(
+                f"PostgreSQL did not accept connections within {connect_timeout_seconds:g} s"
+                f" ({_where(dsn)}): check PROFILEMESH_POSTGRES__DSN and the server"
+            ) from None
         except BaseException:
             self._pool.close()
             raise

@@ -21,6 +21,10 @@ StoreOpener = Callable[[str], SqliteConsumerStore]
 """Opens a service's store by name (``"identity"``); what a domain is given."""
 
 
+class BackendNotConfigured(ValueError):
+    """The settings choose a backend without saying where its servers are."""
+
+
 def open_store(settings: Settings, service: str, name: str) -> SqliteConsumerStore:
     """The consumer store ``name`` of ``service`` on the configured backend.
 
@@ -32,7 +36,9 @@ def open_store(settings: Settings, service: str, name: str) -> SqliteConsumerSto
     if settings.backend == "postgres":
         postgres = settings.postgres
         if not postgres.dsn:
-            raise ValueError("the postgres backend needs postgres.dsn (PROFILEMESH_POSTGRES__DSN)")
+            raise BackendNotConfigured(
+                "the postgres backend needs postgres.dsn (PROFILEMESH_POSTGRES__DSN)"
+            )
         store = PostgresConsumerStore(
             postgres.dsn,
             postgres_schema(service, name),
